@@ -1,0 +1,111 @@
+"""Time one training step (forward, backward, SGD step) per rule against plain, unconverted backprop.
+
+    python -m feedback_alignment.bench [--models resnet20 resnet18] [--rounds 30] [--scale match]
+
+All variants are built from the same initial weights and timed round-robin in one process, in a
+fresh random order each round, so machine load drifts and position effects hit them alike. The
+ratio is the median over rounds of (variant step time / plain step time in the same round).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .convert import convert
+from .models import build_model
+from .rules import RULES, SCALES
+
+
+def _make_step(model, images, labels):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,
+                device: torch.device, dtype: str = "fp32") -> list[dict]:
+    torch.manual_seed(0)
+    base = build_model(arch, num_classes=10, in_channels=3, image_size=32).to(device)
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    variants = {"plain": copy.deepcopy(base)}
+    for rule in rules:
+        variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=scale, seed=0)
+    steps = {name: _make_step(model.train(), images, labels) for name, model in variants.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    times = {name: [] for name in steps}
+    order = list(steps)
+    with autocast:
+        for round_index in range(warmup + rounds):
+            random.Random(round_index).shuffle(order)
+            for name in order:
+                step = steps[name]
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    def paired_ratio(name):
+        return statistics.median(t / p for t, p in zip(times[name], times["plain"]))
+    return [dict(model=arch, variant=name, dtype=dtype, median_ms=1e3 * statistics.median(t),
+                 ratio=paired_ratio(name), images_per_s=batch_size / statistics.median(t))
+            for name, t in times.items()]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet18"])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--scale", default="match", choices=SCALES,
+                        help="feedback scale of the converted variants (match does the most per-step work)")
+    parser.add_argument("--rounds", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# torch {torch.__version__}, {device} ({name}), {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds")
+    rows = []
+    for dtype in args.dtype:
+        for arch in args.models:
+            rows += bench_model(arch, args.rules, args.scale, args.rounds, args.warmup,
+                                args.batch_size, device, dtype)
+            print(f"\n{arch} ({dtype})\n{'variant':>8} {'median ms':>10} {'ratio':>7} {'img/s':>9}")
+            for row in rows:
+                if row["model"] == arch and row["dtype"] == dtype:
+                    print(f"{row['variant']:>8} {row['median_ms']:10.1f} {row['ratio']:7.3f} "
+                          f"{row['images_per_s']:9.0f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(device=str(device), device_name=name, torch=torch.__version__,
+                           threads=torch.get_num_threads(), rows=rows), handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""`convert`: swap every nn.Conv2d and nn.Linear of a model for its feedback layer, in place."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from .layers import FeedbackLayer, from_module
+from .rules import check_scale, get_rule
+
+CONVERTIBLE = (nn.Conv2d, nn.Linear)
+
+
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in exclude)
+
+
+def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
+            exclude: Iterable[str] = (), constrain_weight_norm: bool = False) -> nn.Module:
+    """Replace every nn.Conv2d / nn.Linear in `model` (except those under a name in `exclude`)
+    by a layer that sends the error back through feedback of the given rule.
+
+    The new layers keep the original Parameter objects, so an optimizer built before conversion
+    still trains them. Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
+    Only exact nn.Conv2d / nn.Linear are converted: a subclass may compute its forward differently.
+    """
+    get_rule(rule)
+    check_scale(scale)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    named = list(model.named_modules(remove_duplicate=False))
+    names = {name for name, _ in named}
+    for prefix in exclude:
+        if prefix not in names:
+            raise ValueError(f"exclude names {prefix!r}, which is not a module of the model")
+    for name, module in named:
+        if isinstance(module, FeedbackLayer):
+            raise ValueError(f"model is already converted (module {name or 'model'!r} "
+                             f"uses rule {module.rule.name!r}); convert a fresh model")
+
+    converted: dict[int, FeedbackLayer] = {}  # a module shared at two places stays shared
+    targets = [(name, module) for name, module in named
+               if type(module) in CONVERTIBLE and not _excluded(name, exclude)]
+    if not targets:
+        raise ValueError(f"nothing to convert: {type(model).__name__} has no nn.Conv2d or nn.Linear"
+                         + (f" outside exclude={list(exclude)}" if exclude else ""))
+    for name, module in targets:
+        layer = converted.get(id(module))
+        if layer is None:
+            layer = converted[id(module)] = from_module(module, name, rule, scale, seed,
+                                                        constrain_weight_norm)
+        if name == "":
+            return layer
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
+def feedback_layers(model: nn.Module) -> list[tuple[str, FeedbackLayer]]:
+    """The converted layers of `model`, in registration order, with their module names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FeedbackLayer)]

@@ -1,0 +1,259 @@
+"""Conv2d and Linear layers whose backward sends the error through a feedback weight B.
+
+Forward, weight gradient and bias gradient are exactly those of nn.Conv2d / nn.Linear; only the
+input gradient uses B instead of W. The weight gradient of a convolution depends on the weight's
+shape alone, so a single `convolution_backward` call given B in W's place yields all three
+gradients at the cost of plain backprop.
+
+B is kept as a direction and a gain, B = feedback_direction * feedback_gain, both buffers (with
+the fixed random magnitudes of frsf and the draw counter): saved in state_dict, moved by .to(),
+broadcast by DDP, never seen by an optimizer. Keeping the gain apart means `scale="match"` costs
+one norm per step instead of rewriting every entry of B; the backward applies the gain to B or to
+the input gradient, whichever is smaller.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rules import Rule, check_scale, default_init_bound, get_rule
+
+
+# Random draws are made in chunks of this many entries, each from its own seeded generator, so
+# that a CPU draws a large layer on all its threads and the values never depend on thread count.
+DRAW_CHUNK = 1 << 20
+_draw_pool: ThreadPoolExecutor | None = None
+
+
+def stream_seed(seed: int, layer_name: str, draw: int, chunk: int = 0) -> int:
+    """A 63-bit seed that depends only on (seed, layer name, draw index, chunk), never on the
+    global RNG state."""
+    digest = hashlib.sha256(f"{seed}\0{layer_name}\0{draw}\0{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _apply_gain(feedback: Tensor, gain: Tensor, grad_output: Tensor):
+    """(B, factor for the input gradient): scale whichever tensor is smaller."""
+    if feedback.numel() <= grad_output.numel():
+        return feedback * gain.to(feedback.dtype), None
+    return feedback, gain
+
+
+class _FeedbackConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, direction, gain, stride, padding, dilation, groups):
+        ctx.save_for_backward(input, direction, gain)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, direction, gain = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        feedback, input_factor = _apply_gain(direction, gain, grad_output)
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, input, feedback, ctx.bias_sizes,
+            stride, padding, dilation, False, [0, 0], groups,
+            [need_input, need_weight, need_bias and ctx.bias_sizes is not None],
+        )
+        if grad_input is not None and input_factor is not None:
+            grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class _FeedbackLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, direction, gain):
+        ctx.save_for_backward(input, direction, gain)
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, direction, gain = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            feedback, input_factor = _apply_gain(direction, gain, grad_output)
+            grad_input = grad_output.matmul(feedback)
+            if input_factor is not None:
+                grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if need_weight:
+            grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
+        if need_bias and ctx.has_bias:
+            grad_bias = flat_grad.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def _cast_for_autocast(device_type: str, *tensors):
+    """What autocast would do to conv2d/linear arguments; our Function then runs outside autocast
+    so that forward and backward see one dtype (the bf16 crash the peers have)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+class FeedbackLayer:
+    """State and per-step work shared by FeedbackConv2d and FeedbackLinear (a mixin)."""
+
+    rule: Rule
+    scale: str
+
+    def _setup_feedback(self, rule: str, scale: str, seed: int, name: str,
+                        constrain_weight_norm: bool) -> None:
+        self.rule = get_rule(rule)
+        self.scale = check_scale(scale)
+        self.seed = int(seed)
+        self.layer_name = name
+        self.constrain_weight_norm = bool(constrain_weight_norm)
+        weight = self.weight.detach()
+        self.init_bound = default_init_bound(weight)
+        if self.constrain_weight_norm:
+            self.register_buffer("weight_norm_target", torch.linalg.vector_norm(weight).to(torch.float32))
+        # Counts random draws, so that a resumed or replicated layer continues the same stream.
+        self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
+        if self.rule.write_feedback is None:  # bp: B is W itself, nothing to keep
+            return
+        if self.rule.keeps_magnitude:
+            self.register_buffer("feedback_magnitude", torch.empty_like(weight))
+            self._draw_uniform(self.feedback_magnitude, 0.0, self.init_bound)
+        self.register_buffer("feedback_direction", torch.empty_like(weight))
+        self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
+        self._write_raw_feedback()
+        if self.scale != "none":
+            self.feedback_gain.copy_(self._norm_ratio())
+
+    # -- random draws ---------------------------------------------------------------------
+    def _draw_uniform(self, tensor: Tensor, low: float, high: float) -> None:
+        global _draw_pool
+        draw = int(self.feedback_draws)
+        self.feedback_draws.add_(1)
+        chunks = tensor.view(-1).split(DRAW_CHUNK)
+
+        def fill(indexed):
+            # Fresh generators: cheap next to the draw, and nothing unpicklable kept on the layer.
+            index, chunk = indexed
+            generator = torch.Generator(device=chunk.device)
+            generator.manual_seed(stream_seed(self.seed, self.layer_name, draw, index))
+            chunk.uniform_(low, high, generator=generator)
+
+        if tensor.device.type == "cpu" and len(chunks) > 1 and torch.get_num_threads() > 1:
+            # CPU random draws run on one thread each; spread the chunks over the cores.
+            if _draw_pool is None:
+                _draw_pool = ThreadPoolExecutor(max_workers=torch.get_num_threads())
+            list(_draw_pool.map(fill, enumerate(chunks)))
+        else:
+            for indexed in enumerate(chunks):
+                fill(indexed)
+
+    # -- per-step work --------------------------------------------------------------------
+    def _write_raw_feedback(self) -> None:
+        self.rule.write_feedback(self.weight.detach(), self.feedback_direction, self._draw_uniform,
+                                 self.init_bound, getattr(self, "feedback_magnitude", None))
+
+    def _norm_ratio(self) -> Tensor:
+        weight_norm = torch.linalg.vector_norm(self.weight.detach())
+        direction_norm = torch.linalg.vector_norm(self.feedback_direction)
+        # The direction is 0 only where W = 0 everywhere; the clamp keeps B = 0 there, not NaN.
+        return weight_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
+
+    @torch.no_grad()
+    def refresh_feedback_(self) -> None:
+        """Bring W and B up to date before a training forward: weight-norm constraint, signs of
+        the current W, a fresh draw (brsf), and the feedback scale."""
+        if self.constrain_weight_norm:
+            weight = self.weight
+            weight.mul_(self.weight_norm_target / torch.linalg.vector_norm(weight))
+        if self.rule.write_feedback is None:
+            return
+        if not self.rule.fixed_direction:
+            self._write_raw_feedback()
+        if self.scale == "match":
+            self.feedback_gain.copy_(self._norm_ratio())
+
+    @property
+    def feedback_weight(self) -> Tensor:
+        """B, the matrix the backward of the latest forward sends the error through."""
+        if self.rule.write_feedback is None:
+            return self.weight
+        return self.feedback_direction * self.feedback_gain
+
+    def _uses_feedback_path(self, input: Tensor) -> bool:
+        # Plain layer when no gradient can flow (inference costs exactly the plain layer) and for bp.
+        return (self.rule.write_feedback is not None and torch.is_grad_enabled()
+                and (input.requires_grad or self.weight.requires_grad))
+
+    def extra_repr(self) -> str:
+        norm = ", constrain_weight_norm=True" if self.constrain_weight_norm else ""
+        return f"{super().extra_repr()}, rule={self.rule.name}, scale={self.scale}{norm}"
+
+
+class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
+    """nn.Conv2d whose input gradient flows through `feedback_weight`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training:
+            self.refresh_feedback_()
+        if not self._uses_feedback_path(input):
+            return self._conv_forward(input, self.weight, self.bias)
+        input, padding = self._pad(input)
+        weight, bias, direction = self.weight, self.bias, self.feedback_direction
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            input, weight, bias, direction = _cast_for_autocast(device_type, input, weight, bias, direction)
+            with torch.autocast(device_type, enabled=False):
+                return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
+                                                     list(self.stride), padding, list(self.dilation),
+                                                     self.groups)
+        return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
+                                             list(self.stride), padding, list(self.dilation), self.groups)
+
+    def _pad(self, input: Tensor) -> tuple[Tensor, list[int]]:
+        """Turn every padding form into explicit symmetric zero padding that convolution_backward
+        understands; other padding is applied by F.pad, whose gradient autograd handles exactly."""
+        if self.padding_mode != "zeros":
+            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
+        if self.padding == "valid":
+            return input, [0, 0]
+        if self.padding == "same":
+            left_right = self._reversed_padding_repeated_twice  # (w_left, w_right, h_left, h_right)
+            if left_right[0] == left_right[1] and left_right[2] == left_right[3]:
+                return input, [left_right[2], left_right[0]]
+            return F.pad(input, left_right), [0, 0]
+        return input, list(self.padding)
+
+
+class FeedbackLinear(FeedbackLayer, nn.Linear):
+    """nn.Linear whose input gradient flows through `feedback_weight`; inputs of any rank."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training:
+            self.refresh_feedback_()
+        if not self._uses_feedback_path(input):
+            return F.linear(input, self.weight, self.bias)
+        weight, bias, direction = self.weight, self.bias, self.feedback_direction
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            input, weight, bias, direction = _cast_for_autocast(device_type, input, weight, bias, direction)
+            with torch.autocast(device_type, enabled=False):
+                return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
+        return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
+
+
+def from_module(module: nn.Module, name: str, rule: str, scale: str, seed: int,
+                constrain_weight_norm: bool) -> FeedbackLayer:
+    """A feedback layer that takes over `module`'s Parameters, buffers and hooks (no copies)."""
+    cls = FeedbackConv2d if type(module) is nn.Conv2d else FeedbackLinear
+    layer = cls.__new__(cls)
+    state = module.__dict__.copy()
+    for container in ("_parameters", "_buffers", "_modules"):
+        state[container] = state[container].copy()
+    layer.__dict__.update(state)
+    layer._setup_feedback(rule, scale, seed, name, constrain_weight_norm)
+    return layer

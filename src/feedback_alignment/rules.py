@@ -1,0 +1,103 @@
+"""The learning rules: each is a name and a small function that writes the feedback weight B.
+
+The forward pass and the weight update are the same for every rule; a rule only says which
+matrix carries the error backwards in place of W. Adding a rule means adding one `Rule` to
+`_REGISTRY` below, nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# How a rule uses randomness:
+#   "none"        - B is a function of W alone (bp, usf)
+#   "fixed"       - random values drawn once, at conversion (fa, frsf)
+#   "every_step"  - random values drawn again before every training forward (brsf)
+RANDOMNESS = ("none", "fixed", "every_step")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    # Writes the unscaled feedback into `feedback` (same shape as `weight`), in place.
+    # `draw_uniform(tensor, low, high)` fills a tensor with U(low, high) from the layer's own
+    # generator, `bound` is the layer's default init bound; `magnitude` is the rule's fixed random magnitude buffer (frsf) or None.
+    write_feedback: Callable[..., None] | None
+    randomness: str
+    # True when sign(B) == sign(W) everywhere (the sign-concordant family).
+    sign_concordant: bool
+    # True when B keeps its direction between steps, so "match" only rescales it.
+    fixed_direction: bool
+    # True when the rule keeps a fixed random magnitude tensor beside B (frsf).
+    keeps_magnitude: bool = False
+    description: str = ""
+
+
+def _fixed_random(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
+    # Drawn once at conversion; afterwards B only changes through rescaling.
+    draw_uniform(feedback, -bound, bound)
+
+
+def _uniform_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
+    torch.sign(weight, out=feedback)
+
+
+def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
+    # |R_t| * sign(W): draw |R_t| ~ U(0, bound) into B itself (no buffer for magnitudes that live
+    # one step), then give each entry W's sign. sign() rather than copysign() keeps B exactly 0
+    # where W is 0.
+    draw_uniform(feedback, 0.0, bound)
+    feedback.mul_(torch.sign(weight))
+
+
+def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
+    torch.sign(weight, out=feedback)
+    feedback.mul_(magnitude)
+
+
+_REGISTRY: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule("bp", None, "none", sign_concordant=True, fixed_direction=False,
+             description="backprop: B = W"),
+        Rule("fa", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             description="feedback alignment: fixed random B (Lillicrap et al. 2016)"),
+        Rule("usf", _uniform_sign, "none", sign_concordant=True, fixed_direction=False,
+             description="uniform sign-concordant feedback: B = sign(W) (Liao et al. 2016)"),
+        Rule("brsf", _batchwise_random_sign, "every_step", sign_concordant=True, fixed_direction=False,
+             description="batchwise random-magnitude sign-concordant feedback: B = |R_t| * sign(W)"),
+        Rule("frsf", _fixed_random_sign, "fixed", sign_concordant=True, fixed_direction=False,
+             keeps_magnitude=True,
+             description="fixed random-magnitude sign-concordant feedback: B = |R| * sign(W)"),
+    )
+}
+
+RULES: tuple[str, ...] = tuple(_REGISTRY)
+
+# none  - raw B: usf is +-1, random rules draw from the layer's default init distribution
+# init  - one gain fixed at conversion so that ||B||_F = ||W||_F at that moment
+# match - before every training forward, ||B||_F = ||W||_F
+SCALES: tuple[str, ...] = ("none", "init", "match")
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}") from None
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return scale
+
+
+def default_init_bound(weight: Tensor) -> float:
+    """Bound of nn.Conv2d / nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    fan_in = weight[0].numel()  # in_channels / groups * kernel area, or in_features
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

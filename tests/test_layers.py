@@ -1,0 +1,99 @@
+"""Gradients of every rule against torch's own conv/linear gradient functions."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import feedback_alignment as fa
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons in double precision; float32 and bf16 paths are tested elsewhere."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+CONV_CONFIGS = [
+    dict(in_channels=3, out_channels=5, kernel_size=3),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, bias=False),
+    dict(in_channels=4, out_channels=4, kernel_size=(3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 1)),
+    dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3),
+    dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4, bias=False),  # depthwise
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding="same"),
+    dict(in_channels=3, out_channels=5, kernel_size=4, padding="same", dilation=1),  # asymmetric
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding="valid"),
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=2, padding_mode="circular"),
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="replicate", stride=2),
+]
+
+
+def _converted_copy(module, rule, scale="match", seed=0):
+    return fa.convert(copy.deepcopy(module), rule=rule, scale=scale, seed=seed)
+
+
+@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_conv_gradients_match_torch(rule, config):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(**config)
+    layer = _converted_copy(reference, rule)
+    x = torch.randn(2, config["in_channels"], 11, 10)
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_new = reference(x_ref), layer(x_new)
+    assert torch.equal(out_ref, out_new)
+    grad_output = torch.randn_like(out_ref)
+    out_ref.backward(grad_output)
+    out_new.backward(grad_output)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    if reference.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
+
+    feedback = layer.feedback_weight.detach()
+    # Input gradient through B: torch's own conv backward of the same layer carrying B as weight.
+    through_b = copy.deepcopy(reference)
+    with torch.no_grad():
+        through_b.weight.copy_(feedback)
+    x_b = x.clone().requires_grad_()
+    through_b(x_b).backward(grad_output)
+    torch.testing.assert_close(x_new.grad, x_b.grad, rtol=1e-12, atol=1e-12)
+    if config.get("padding_mode", "zeros") == "zeros" and not isinstance(config.get("padding"), str):
+        expected = torch.nn.grad.conv2d_input(x.shape, feedback, grad_output, reference.stride,
+                                              reference.padding, reference.dilation, reference.groups)
+        torch.testing.assert_close(x_new.grad, expected, rtol=1e-12, atol=1e-12)
+    if rule == "bp":
+        torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (3, 4, 7), (2, 3, 2, 7)], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradients_match_torch(rule, shape, bias):
+    torch.manual_seed(1)
+    reference = nn.Linear(7, 6, bias=bias)
+    layer = _converted_copy(reference, rule)
+    x = torch.randn(shape)
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_new = reference(x_ref), layer(x_new)
+    torch.testing.assert_close(out_new, out_ref, rtol=0, atol=0)
+    grad_output = torch.randn_like(out_ref)
+    out_ref.backward(grad_output)
+    out_new.backward(grad_output)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
+    expected = torch.matmul(grad_output, layer.feedback_weight.detach())
+    torch.testing.assert_close(x_new.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_feedback_is_not_weight_for_asymmetric_rules():
+    torch.manual_seed(0)
+    for rule in ("fa", "usf", "brsf", "frsf"):
+        layer = fa.convert(nn.Linear(8, 8), rule=rule, scale="match")
+        layer(torch.randn(2, 8))
+        assert not torch.allclose(layer.feedback_weight, layer.weight), rule
