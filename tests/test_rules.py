@@ -243,3 +243,28 @@ def test_batch_manhattan_by_hand():
     torch.testing.assert_close(param.detach(), torch.tensor([0.707201, -1.704302, 0.4985505]))
     with pytest.raises(ValueError, match="lr must be > 0"):
         fa.optim.BatchManhattan([param], lr=-1)
+
+
+def test_draws_are_uniform_and_independent_of_thread_count():
+    from feedback_alignment import draws
+
+    values = {}
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            full = draws.uniform_(torch.empty(3 * draws.DRAW_CHUNK + 5), -2.0, 2.0, 1, "layer", 4)
+            fast = draws.fast_uniform_(torch.empty(3 * draws.DRAW_CHUNK + 7), 0.0, 3.0, 1, "layer", 4)
+        finally:
+            torch.set_num_threads(previous)
+        values[threads] = (full, fast)
+    assert torch.equal(values[1][0], values[2][0]) and torch.equal(values[1][1], values[2][1])
+    full, fast = values[1]
+    assert -2 <= full.min() and full.max() <= 2 and abs(full.mean()) < 0.01
+    assert 0 < fast.min() and fast.max() < 3 and abs(fast.mean() - 1.5) < 0.01
+    assert abs(fast.var().item() - 9 / 12) < 0.01  # variance of U(0, 3)
+    levels = torch.unique(fast)
+    assert 30000 < len(levels) <= 2**15  # 15-bit resolution, nearly every level hit
+    # Chunks are independent streams, not copies of one another.
+    chunk = draws.DRAW_CHUNK
+    assert not torch.equal(full[:chunk], full[chunk:2 * chunk])

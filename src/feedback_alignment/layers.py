@@ -13,27 +13,12 @@ the input gradient, whichever is smaller.
 """
 from __future__ import annotations
 
-import hashlib
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import draws
 from .rules import Rule, check_scale, default_init_bound, get_rule
-
-
-# Random draws are made in chunks of this many entries, each from its own seeded generator, so
-# that a CPU draws a large layer on all its threads and the values never depend on thread count.
-DRAW_CHUNK = 1 << 20
-_draw_pool: ThreadPoolExecutor | None = None
-
-
-def stream_seed(seed: int, layer_name: str, draw: int, chunk: int = 0) -> int:
-    """A 63-bit seed that depends only on (seed, layer name, draw index, chunk), never on the
-    global RNG state."""
-    digest = hashlib.sha256(f"{seed}\0{layer_name}\0{draw}\0{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _apply_gain(feedback: Tensor, gain: Tensor, grad_output: Tensor):
@@ -126,31 +111,19 @@ class FeedbackLayer:
         self.register_buffer("feedback_direction", torch.empty_like(weight))
         self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
         self._write_raw_feedback()
+        if self.rule.fixed_direction:  # its norm never changes: one norm per step, not two
+            self.register_buffer("feedback_direction_norm", torch.linalg.vector_norm(self.feedback_direction))
         if self.scale != "none":
             self.feedback_gain.copy_(self._norm_ratio())
 
     # -- random draws ---------------------------------------------------------------------
     def _draw_uniform(self, tensor: Tensor, low: float, high: float) -> None:
-        global _draw_pool
+        """Fill `tensor` with the layer's next draw from U(low, high). Draws made before every
+        step (brsf) take the cheap 15-bit path; draws made once keep full precision."""
         draw = int(self.feedback_draws)
         self.feedback_draws.add_(1)
-        chunks = tensor.view(-1).split(DRAW_CHUNK)
-
-        def fill(indexed):
-            # Fresh generators: cheap next to the draw, and nothing unpicklable kept on the layer.
-            index, chunk = indexed
-            generator = torch.Generator(device=chunk.device)
-            generator.manual_seed(stream_seed(self.seed, self.layer_name, draw, index))
-            chunk.uniform_(low, high, generator=generator)
-
-        if tensor.device.type == "cpu" and len(chunks) > 1 and torch.get_num_threads() > 1:
-            # CPU random draws run on one thread each; spread the chunks over the cores.
-            if _draw_pool is None:
-                _draw_pool = ThreadPoolExecutor(max_workers=torch.get_num_threads())
-            list(_draw_pool.map(fill, enumerate(chunks)))
-        else:
-            for indexed in enumerate(chunks):
-                fill(indexed)
+        fill = draws.fast_uniform_ if self.rule.randomness == "every_step" else draws.uniform_
+        fill(tensor, low, high, self.seed, self.layer_name, draw)
 
     # -- per-step work --------------------------------------------------------------------
     def _write_raw_feedback(self) -> None:
@@ -159,7 +132,8 @@ class FeedbackLayer:
 
     def _norm_ratio(self) -> Tensor:
         weight_norm = torch.linalg.vector_norm(self.weight.detach())
-        direction_norm = torch.linalg.vector_norm(self.feedback_direction)
+        direction_norm = (self.feedback_direction_norm if self.rule.fixed_direction
+                          else torch.linalg.vector_norm(self.feedback_direction))
         # The direction is 0 only where W = 0 everywhere; the clamp keeps B = 0 there, not NaN.
         return weight_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
 

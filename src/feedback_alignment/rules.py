@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .draws import workspace
+
 # How a rule uses randomness:
 #   "none"        - B is a function of W alone (bp, usf)
 #   "fixed"       - random values drawn once, at conversion (fa, frsf)
@@ -51,12 +53,12 @@ def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound
     # one step), then give each entry W's sign. sign() rather than copysign() keeps B exactly 0
     # where W is 0.
     draw_uniform(feedback, 0.0, bound)
-    feedback.mul_(torch.sign(weight))
+    feedback.mul_(torch.sign(weight, out=workspace(weight.shape, weight.dtype, weight.device)))
 
 
 def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    torch.sign(weight, out=feedback)
-    feedback.mul_(magnitude)
+    torch.mul(torch.sign(weight, out=workspace(weight.shape, weight.dtype, weight.device)),
+              magnitude, out=feedback)
 
 
 _REGISTRY: dict[str, Rule] = {

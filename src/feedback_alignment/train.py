@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", required=True, help="prepared dataset file (digits, cifar10) or folder (imagenet)")
     add("--out", required=True, help="run directory to write into")
     add("--arch", required=True, help="convnet, arch1, resnet20/56, or a torchvision model name")
+    add("--arch-label", default=None, help="name of this architecture setting in results (default: --arch)")
+    add("--variant", default="default", help="name of the technique settings, recorded in results")
     add("--depth", type=int, default=8, help="convnet: number of conv layers")
     add("--width", type=int, default=32, help="convnet: channels per conv layer")
     add("--batch-norm", action=argparse.BooleanOptionalAction, default=True)
@@ -172,6 +174,7 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "command"}
+    config["arch_label"] = args.arch_label or args.arch
     loaders = make_loaders(args, device)
     model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size).to(device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)

@@ -1,0 +1,85 @@
+"""Aggregate finished runs: one row per dataset x arch x rule x variant, mean and spread over seeds.
+
+    python -m feedback_alignment summarize --runs results/demo/runs --out results/demo
+
+Reads the given evaluation.json files (or every one below given folders) with their history.csv; writes summary.csv (test error
+mean, std, n_seeds and n_diverged per group) and histories.csv (every epoch of every run, labelled)
+that the figures are drawn from. Diverged runs are counted, not dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .provenance import write_csv
+
+KEYS = ["dataset", "arch", "rule", "variant"]
+
+
+def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, histories = [], []
+    paths = []
+    for source in sources:
+        paths += sorted(source.rglob("evaluation.json")) if source.is_dir() else [source]
+    for path in paths:
+        evaluation = json.loads(path.read_text())
+        config = evaluation["config"]
+        labels = dict(dataset=config["dataset"], arch=config.get("arch_label") or config["arch"],
+                      rule=config["rule"], variant=config.get("variant", "default"), seed=config["seed"])
+        rows.append(dict(**labels, status=evaluation["status"], best_epoch=evaluation["best_epoch"],
+                         test_error_top1=evaluation["test_error_top1"],
+                         test_error_top5=evaluation.get("test_error_top5")))
+        history_path = path.parent / "history.csv"
+        if history_path.is_file() and history_path.stat().st_size:
+            history = pd.read_csv(history_path)
+            if len(history):
+                histories.append(history.assign(**labels, status=evaluation["status"]))
+    if not rows:
+        raise FileNotFoundError(f"no evaluation.json in {', '.join(map(str, sources))}")
+    runs = pd.DataFrame(rows)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return runs, history
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per group: seeds, diverged seeds, and test error mean/std (%) over the seeds that have one."""
+    def aggregate(group: pd.DataFrame) -> pd.Series:
+        top1 = group["test_error_top1"].dropna()
+        out = dict(n_seeds=len(group), n_diverged=int((group["status"] == "diverged").sum()),
+                   test_error_mean=top1.mean() if len(top1) else float("nan"),
+                   test_error_std=top1.std(ddof=1) if len(top1) > 1 else float("nan"),
+                   test_error_min=top1.min() if len(top1) else float("nan"),
+                   test_error_max=top1.max() if len(top1) else float("nan"))
+        top5 = group["test_error_top5"].dropna()
+        if len(top5):
+            out.update(test_error_top5_mean=top5.mean(),
+                       test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
+        return pd.Series(out)
+    summary = runs.groupby(KEYS, sort=False).apply(aggregate, include_groups=False).reset_index()
+    summary[["n_seeds", "n_diverged"]] = summary[["n_seeds", "n_diverged"]].astype(int)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m feedback_alignment summarize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True, nargs="+",
+                        help="evaluation.json files, or folders searched for them")
+    parser.add_argument("--out", required=True, help="folder for summary.csv, runs.csv and histories.csv")
+    args = parser.parse_args(argv)
+    try:
+        runs, history = load_runs([Path(p) for p in args.runs])
+    except FileNotFoundError as error:
+        sys.exit(f"summarize: {error}")
+    out = Path(args.out)
+    write_csv(out / "runs.csv", runs)
+    write_csv(out / "summary.csv", summarize(runs))
+    write_csv(out / "histories.csv", history)
+
+
+if __name__ == "__main__":
+    main()

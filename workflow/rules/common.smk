@@ -1,0 +1,148 @@
+# Config validation and the grid of runs. Everything the rules need is computed here, once.
+import itertools
+import os
+from pathlib import Path
+
+import jsonschema
+import yaml
+from snakemake.utils import validate
+
+import feedback_alignment
+
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _config_error(key, message):
+    raise WorkflowError(f"config key {key}: {message}")
+
+
+def _check_schema(config):
+    """Name the offending key, not just the schema rule it broke."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        _config_error(key, error.message)
+
+
+_check_schema(config)
+validate(config, str(SCHEMA))  # fills in the schema's defaults
+
+TRAINING_DEFAULTS = {k: v["default"] for k, v in
+                     yaml.safe_load(SCHEMA.read_text())["$defs"]["training"]["properties"].items()}
+RESOURCES = {"threads": 1, "gpus": 0, "mem_mb": 4000, "runtime": 60, **config.get("resources", {})}
+DATA_DIR = config["data_dir"]
+EXPERIMENT = config["experiment"]
+RESULTS = f"results/{EXPERIMENT}"
+
+
+def _check_names(config):
+    """Cross-references the schema cannot express: names used in the grid must be defined."""
+    for index, block in enumerate(config["grid"]):
+        where = f"grid[{index}]"
+        for dataset in block["datasets"]:
+            if dataset not in config["datasets"]:
+                _config_error(f"{where}.datasets", f"{dataset!r} is not defined under datasets")
+        for arch in block["archs"]:
+            if arch not in config["archs"]:
+                _config_error(f"{where}.archs", f"{arch!r} is not defined under archs")
+        for rule_name in block["rules"]:
+            if rule_name not in feedback_alignment.RULES:
+                _config_error(f"{where}.rules", f"unknown rule {rule_name!r}; choose from "
+                              f"{', '.join(feedback_alignment.RULES)}")
+        for variant in block["variants"]:
+            if variant not in config["variants"]:
+                _config_error(f"{where}.variants", f"{variant!r} is not defined under variants")
+    for name, variant in config["variants"].items():
+        scale = variant.get("scale", "none")
+        if scale not in feedback_alignment.SCALES:
+            _config_error(f"variants.{name}.scale", f"unknown scale {scale!r}; choose from "
+                          f"{', '.join(feedback_alignment.SCALES)}")
+    for name in ("digits", "cifar10", "imagenet"):
+        if name in config["datasets"] and "/" in name:
+            _config_error("datasets", f"bad name {name!r}")
+    if "imagenet" in config["datasets"]:
+        path = config["datasets"]["imagenet"]["path"]
+        if not os.path.isdir(path):
+            _config_error("datasets.imagenet.path", f"{path!r} does not exist or is not a directory")
+
+
+_check_names(config)
+
+
+def _runs(config):
+    seen = {}
+    for block in config["grid"]:
+        for dataset, arch, rule_name, variant in itertools.product(
+                block["datasets"], block["archs"], block["rules"], block["variants"]):
+            for seed in config["seeds"]:
+                seen[(dataset, arch, rule_name, variant, seed)] = None
+    return list(seen)
+
+
+RUNS = _runs(config)
+
+
+def run_dir(dataset, arch, rule, variant, seed):
+    return f"{RESULTS}/runs/{dataset}/{arch}/{rule}-{variant}/seed{seed}"
+
+
+def data_file(dataset):
+    return f"{DATA_DIR}/{dataset}.json" if dataset == "imagenet" else f"{DATA_DIR}/{dataset}.pt"
+
+
+def run_settings(wildcards):
+    """The resolved settings of one run: schema defaults < training < arch < variant."""
+    arch = config["archs"][wildcards.arch]
+    variant = config["variants"][wildcards.variant]
+    dataset = config["datasets"][wildcards.dataset]
+    training = {**TRAINING_DEFAULTS, **config.get("training", {}), **arch.get("training", {})}
+    training.update({k: variant[k] for k in ("optimizer", "lr") if k in variant})
+    augment = {**dataset.get("augment", {}), **arch.get("augment", {})}
+    return dict(
+        arch=arch["arch"], depth=arch.get("depth", 8), width=arch.get("width", 32),
+        batch_norm=variant.get("batch_norm", arch.get("batch_norm", True)),
+        scale=variant.get("scale", "none"), exclude=variant.get("exclude", []),
+        constrain_weight_norm=variant.get("constrain_weight_norm", False),
+        **training, **augment)
+
+
+def train_flags(wildcards):
+    """The train CLI's flags for one run, spelled out so the log shows the exact command."""
+    s = run_settings(wildcards)
+    flags = [f"--arch {s['arch']}", f"--arch-label {wildcards.arch}", f"--variant {wildcards.variant}",
+             f"--depth {s['depth']}", f"--width {s['width']}",
+             "--batch-norm" if s["batch_norm"] else "--no-batch-norm",
+             f"--scale {s['scale']}",
+             "--constrain-weight-norm" if s["constrain_weight_norm"] else "--no-constrain-weight-norm",
+             f"--optimizer {s['optimizer']}", f"--lr {s['lr']}", f"--momentum {s['momentum']}",
+             f"--weight-decay {s['weight_decay']}", f"--lr-gamma {s['lr_gamma']}",
+             f"--epochs {s['epochs']}", f"--batch-size {s['batch_size']}"]
+    if s["lr_milestones"]:
+        flags.append("--lr-milestones " + " ".join(map(str, s["lr_milestones"])))
+    if s["exclude"]:
+        flags.append("--exclude " + " ".join(s["exclude"]))
+    if s.get("max_batches"):
+        flags.append(f"--max-batches {s['max_batches']}")
+    if "crop" in s:
+        flags.append(f"--crop {s['crop']}")
+    if s.get("pad"):
+        flags.append(f"--pad {s['pad']}")
+    if s.get("flip"):
+        flags.append("--flip")
+    return " ".join(flags)
+
+
+def prepare_flags(wildcards):
+    settings = config["datasets"][wildcards.dataset]
+    if wildcards.dataset == "cifar10":
+        return f"--url {settings['url']} --md5 {settings['md5']} --val-size {settings['val_size']}"
+    if wildcards.dataset == "imagenet":
+        return f"--path {settings['path']}"
+    return f"--val-size {settings['val_size']}"
+
+
+def all_evaluations():
+    return [f"{run_dir(*run)}/evaluation.json" for run in RUNS]

@@ -1,0 +1,52 @@
+# One job per run; the CLI does the work. Threads reach torch through --threads.
+RUN = RESULTS + "/runs/{dataset}/{arch}/{learning_rule}-{variant}/seed{seed}"
+
+
+wildcard_constraints:
+    learning_rule="[a-z0-9]+",
+    variant="[A-Za-z0-9_.]+",
+    seed=r"\d+",
+    arch="[A-Za-z0-9_.-]+",
+
+
+rule train:
+    input:
+        data=lambda wc: data_file(wc.dataset),
+    output:
+        result=RUN + "/result.json",
+        history=RUN + "/history.csv",
+        checkpoint=RUN + "/checkpoint.pt",
+    params:
+        flags=train_flags,
+        device="auto",  # cuda where the job landed on a GPU, else cpu
+    threads: RESOURCES["threads"]
+    resources:
+        mem_mb=RESOURCES["mem_mb"],
+        runtime=RESOURCES["runtime"],
+        gpu=RESOURCES["gpus"],
+    log:
+        RUN + "/train.log",
+    shell:
+        "python -m feedback_alignment train --dataset {wildcards.dataset} --data {input.data} "
+        "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} "
+        "--device {params.device} --threads {threads} --out $(dirname {output.result}) > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        result=RUN + "/result.json",
+        data=lambda wc: data_file(wc.dataset),
+    output:
+        RUN + "/evaluation.json",
+    params:
+        device="auto",  # cuda where the job landed on a GPU, else cpu
+    threads: RESOURCES["threads"]
+    resources:
+        mem_mb=RESOURCES["mem_mb"],
+        runtime=max(5, RESOURCES["runtime"] // 10),
+        gpu=RESOURCES["gpus"],
+    log:
+        RUN + "/evaluate.log",
+    shell:
+        "python -m feedback_alignment evaluate --run $(dirname {output}) --data {input.data} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
