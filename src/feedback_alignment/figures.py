@@ -57,8 +57,9 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
             if column == 0:
                 axis.set_ylabel("test error (%, log scale)")
     axes[0][-1].legend(title="rule", fontsize=8)
-    seeds = history.groupby(["dataset", "arch", "rule", "variant"])["seed"].nunique().min()
-    figure.suptitle(f"Test error during training (line: mean over {seeds}+ seeds, band: min-max)",
+    seeds = history.groupby(["dataset", "arch", "rule", "variant"])["seed"].nunique()
+    count = str(seeds.min()) if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    figure.suptitle(f"Test error during training (line: mean over {count} seeds, band: best to worst seed)",
                     fontsize=11)
     figure.tight_layout()
     save_figure(path, figure)
@@ -73,16 +74,17 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
         here = summary[(summary.dataset == dataset) & (summary.arch == arch)]
         variants = list(here["variant"].drop_duplicates())
         rules = _rule_order(here.rule)
-        width = 0.8 / len(variants)
-        for v_index, variant in enumerate(variants):
-            for r_index, rule in enumerate(rules):
-                group = here[(here.rule == rule) & (here.variant == variant)]
-                if group.empty:
-                    continue
-                g = group.iloc[0]
-                x = r_index + (v_index - (len(variants) - 1) / 2) * width
-                axis.bar(x, g.test_error_mean, width * 0.9, color=f"C{v_index}", alpha=0.75,
-                         label=variant if r_index == 0 or rule == rules[0] else None)
+        labelled = set()
+        for r_index, rule in enumerate(rules):
+            present = [v for v in variants if ((here.rule == rule) & (here.variant == v)).any()]
+            width = 0.8 / len(present)
+            for slot, variant in enumerate(present):  # the rule's variants side by side, centred
+                g = here[(here.rule == rule) & (here.variant == variant)].iloc[0]
+                x = r_index + (slot - (len(present) - 1) / 2) * width
+                color = f"C{variants.index(variant)}"
+                axis.bar(x, g.test_error_mean, width * 0.9, color=color, alpha=0.75,
+                         label=None if variant in labelled else variant)
+                labelled.add(variant)
                 axis.errorbar(x, g.test_error_mean, yerr=[[g.test_error_mean - g.test_error_min],
                               [g.test_error_max - g.test_error_mean]], color="black", capsize=3)
                 seeds = runs[(runs.dataset == dataset) & (runs.arch == arch) & (runs.rule == rule)
@@ -91,14 +93,13 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
                 label = f"{g.test_error_mean:.1f}"
                 if g.n_diverged:
                     label += f"\n{g.n_diverged}/{g.n_seeds} diverged"
-                axis.annotate(label, (x, max(g.test_error_max, g.test_error_mean)), ha="center",
-                              va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+                top = g.test_error_max if pd.notna(g.test_error_max) else 0.0
+                axis.annotate(label, (x, top), ha="center", va="bottom", fontsize=7,
+                              xytext=(0, 2), textcoords="offset points")
         axis.set_xticks(range(len(rules)), rules)
         axis.set_ylabel("final test error (%)")
         axis.set_title(f"{dataset} / {arch}: bar = mean, whisker = min-max, dots = seeds", fontsize=10)
-        handles, labels = axis.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        axis.legend(unique.values(), unique.keys(), title="variant", fontsize=8)
+        axis.legend(title="variant", fontsize=8)
         axis.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
     save_figure(path, figure)

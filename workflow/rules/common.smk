@@ -1,6 +1,7 @@
 # Config validation and the grid of runs. Everything the rules need is computed here, once.
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -8,6 +9,10 @@ import yaml
 from snakemake.utils import validate
 
 import feedback_alignment
+
+# Jobs run `python -m feedback_alignment ...` with the interpreter that runs Snakemake, also
+# when Snakemake was started as .venv/bin/snakemake without activating the environment.
+shell.prefix(f'export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
