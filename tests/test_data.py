@@ -1,0 +1,122 @@
+"""Datasets: digits cache, the CIFAR-10 download path through a loopback HTTP server, ImageNet checks."""
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feedback_alignment import data
+
+PER_BATCH = 12  # images per CIFAR-10 batch file in the fake archive
+
+
+def _cifar_archive(path: Path, evil_member: str | None = None) -> bytes:
+    """A small archive in the real CIFAR-10 python format: 5 training batches and a test batch,
+    pickled dicts with b'data' (N x 3072 uint8, channel-major) and b'labels'."""
+    rng = np.random.RandomState(0)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        for index, name in enumerate(names):
+            labels = [(index * PER_BATCH + j) % 10 for j in range(PER_BATCH)]
+            images = rng.randint(0, 256, (PER_BATCH, 3072), dtype=np.uint8)
+            images[:, 0] = labels  # first red pixel = label: lets the test check alignment
+            payload = pickle.dumps({b"batch_label": name.encode(), b"labels": labels, b"data": images},
+                                   protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        if evil_member:
+            info = tarfile.TarInfo(evil_member)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """Serves tmp_path/served over HTTP on 127.0.0.1 (an OS-chosen port)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cifar10_download_through_loopback(tmp_path, loopback_server):
+    served, base = loopback_server
+    archive = _cifar_archive(served / "cifar-10-python.tar.gz")
+    out = tmp_path / "data" / "cifar10.pt"
+    data.prepare_cifar10(out, url=f"{base}/cifar-10-python.tar.gz", md5=hashlib.md5(archive).hexdigest(),
+                         val_size=10)
+    record = torch.load(out, weights_only=True)
+    assert record["train_images"].shape == (5 * PER_BATCH - 10, 3, 32, 32)
+    assert record["val_images"].shape == (10, 3, 32, 32) and record["test_images"].shape == (PER_BATCH, 3, 32, 32)
+    assert record["train_images"].dtype == torch.uint8
+    for split in ("train", "val", "test"):  # image and label stayed together through the split
+        assert torch.equal(record[f"{split}_images"][:, 0, 0, 0].long(), record[f"{split}_labels"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10.pt"]  # nothing left behind
+
+
+def test_cifar10_md5_mismatch_leaves_nothing(tmp_path, loopback_server):
+    served, base = loopback_server
+    _cifar_archive(served / "cifar-10-python.tar.gz")
+    out = tmp_path / "data" / "cifar10.pt"
+    with pytest.raises(data.DataError, match="md5 of the file from http://127.0.0.1"):
+        data.prepare_cifar10(out, url=f"{base}/cifar-10-python.tar.gz", md5="0" * 32, val_size=10)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_cifar10_unreachable_and_escaping_archive(tmp_path, loopback_server):
+    served, base = loopback_server
+    out = tmp_path / "data" / "cifar10.pt"
+    with pytest.raises(data.DataError, match="download from .*missing.tar.gz failed"):
+        data.prepare_cifar10(out, url=f"{base}/missing.tar.gz", md5=None)
+    _cifar_archive(served / "evil.tar.gz", evil_member="../escape.txt")
+    with pytest.raises(data.DataError, match="would extract outside"):
+        data.prepare_cifar10(out, url=f"{base}/evil.tar.gz", md5=None, val_size=10)
+    assert list(out.parent.iterdir()) == [] and not (tmp_path / "data" / "escape.txt").exists()
+
+
+def test_digits_cache_and_batches(tmp_path):
+    out = tmp_path / "digits.pt"
+    data.prepare_digits(out)
+    loaded = data.load_tensor_data(out, torch.device("cpu"))
+    sizes = {split: len(labels) for split, (_, labels) in loaded.splits.items()}
+    assert sizes == {"train": 1797 - 180 - 360, "val": 180, "test": 360}
+    assert loaded.in_channels == 1 and loaded.image_size == 8 and loaded.num_classes == 10
+    generator = torch.Generator().manual_seed(0)
+    images, labels = next(data.batches(loaded, "train", 32, generator, crop=8, pad=1, flip=True))
+    assert images.shape == (32, 1, 8, 8) and images.dtype == torch.float32
+    assert abs(images.mean().item()) < 0.5  # normalized
+
+
+def test_random_crop_matches_hand_indexing():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    top, left = torch.tensor([0, 2]), torch.tensor([1, 0])
+    crops = data._crop(images, top, left, 2)
+    assert torch.equal(crops[0], images[0, :, 0:2, 1:3]) and torch.equal(crops[1], images[1, :, 2:4, 0:2])
+
+
+def test_imagenet_path_checks(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.check_imagenet(tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match="neither train/ and val/"):
+        data.check_imagenet(tmp_path)
+    for split in ("train", "val"):
+        for name in ("n01", "n02"):
+            (tmp_path / split / name).mkdir(parents=True)
+    assert data.check_imagenet(tmp_path)["num_classes"] == 2

@@ -1,0 +1,116 @@
+"""The Snakemake workflow, run for real (tiny configs, temporary directories)."""
+import json
+import re
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, snakemake
+
+TINY = dict(
+    experiment="tiny",
+    datasets={"digits": {}},
+    archs={"net": {"arch": "convnet", "depth": 2, "width": 4}},
+    training={"epochs": 2, "batch_size": 32, "lr": 0.05, "max_batches": 3},
+    variants={"exact": {}, "raw": {"scale": "none"}, "matched": {"scale": "match"}},
+    grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["bp"], "variants": ["exact"]},
+          {"datasets": ["digits"], "archs": ["net"], "rules": ["usf"], "variants": ["raw", "matched"]}],
+    seeds=[0, 1],
+)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake plan, as {rule: count}."""
+    table = output[output.index("Job stats:"):].split("\n\n")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def write_config(workdir, config, name="config.yaml"):
+    path = workdir / "config" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path):
+    write_config(tmp_path, TINY)
+    snakemake(tmp_path, "--cores", "2")
+    results = tmp_path / "results" / "tiny"
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(zip(summary.rule, summary.variant)) == {("bp", "exact"), ("usf", "raw"), ("usf", "matched")}
+    assert (summary.n_seeds == 2).all()
+    assert summary.test_error_mean.between(0, 100).all() and summary.test_error_std.notna().all()
+    run = results / "runs" / "digits" / "net" / "usf-matched" / "seed1"
+    history = pd.read_csv(run / "history.csv")
+    assert list(history.epoch) == [1, 2]
+    assert {"train_loss", "train_error", "val_error", "test_error", "lr", "seconds", "images_per_s"} <= set(history)
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["config"]["scale"] == "match"
+    assert result["config"]["rule"] == "usf" and result["config"]["seed"] == 1
+    assert {"git_sha", "torch", "device"} <= set(result["provenance"])
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    # The summary's mean is the mean of the seeds' evaluations.
+    errors = [json.loads((results / "runs/digits/net/usf-matched" / f"seed{s}" / "evaluation.json").read_text())
+              ["test_error_top1"] for s in (0, 1)]
+    row = summary[(summary.rule == "usf") & (summary.variant == "matched")].iloc[0]
+    assert row.test_error_mean == pytest.approx(sum(errors) / 2)
+    assert evaluation["test_error_top1"] in errors
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert any(key.endswith("feedback_direction") for key in checkpoint["model"])
+    for name in ("test_error_curves.png", "final_error.png"):
+        assert (results / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.rglob("*.tmp"))
+    # Figures regenerate from results without training again.
+    (results / "figures" / "final_error.png").unlink()
+    rerun = snakemake(tmp_path, "--cores", "1", "figures")
+    assert "rule train" not in rerun.stdout + rerun.stderr
+    assert (results / "figures" / "final_error.png").exists()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["grid"][1]["rules"].append("xyz"), "grid[1].rules"),
+    (lambda c: c["training"].update(lr=-0.1), "training.lr"),
+    (lambda c: c.update(seeds=[]), "seeds"),
+    (lambda c: c["datasets"].update(imagenet={"path": "/no/such/imagenet"}), "datasets.imagenet.path"),
+    (lambda c: c["datasets"].update(imagenet={}), "datasets.imagenet"),
+    (lambda c: c["variants"]["raw"].update(scale="huge"), "variants.raw.scale"),
+    (lambda c: c["training"].update(learning_rate=0.1), "training"),
+])
+def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
+    config = json.loads(json.dumps(TINY))
+    edit(config)
+    write_config(tmp_path, config)
+    process = snakemake(tmp_path, "-n", check=False)
+    assert process.returncode != 0
+    assert f"config key {key}:" in process.stdout + process.stderr
+
+
+def test_shipped_configs_plan(tmp_path):
+    for name, runs in (("config.yaml", 27), ("cifar10.yaml", 27)):
+        process = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / name))
+        assert job_counts(process.stdout)["train"] == runs, process.stdout[-2000:]
+
+
+def test_imagenet_config_plans_given_a_folder(tmp_path):
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (imagenet / split / "n01440764").mkdir(parents=True)
+    config = yaml.safe_load((REPO / "config" / "imagenet.yaml").read_text())
+    config["datasets"]["imagenet"]["path"] = str(imagenet)
+    path = write_config(tmp_path, config, "imagenet.yaml")
+    process = snakemake(tmp_path, "-n", "--configfile", str(path))
+    assert job_counts(process.stdout)["train"] == 54 and "prepare_imagenet" in process.stdout
+
+
+def test_slurm_profile_plans_the_grid_without_slurm(tmp_path):
+    assert shutil.which("sbatch") is None  # the point: no SLURM on this machine
+    process = snakemake(tmp_path, "-n", "--workflow-profile", str(REPO / "profiles" / "slurm"),
+                        "--configfile", str(REPO / "config" / "cifar10.yaml"))
+    out = process.stdout
+    counts = job_counts(out)
+    assert counts["train"] == 27 and counts["evaluate"] == 27
+    assert "gpu=1" in out and "slurm_partition=gpu" in out
