@@ -98,10 +98,28 @@ def test_digits_cache_and_batches(tmp_path):
     sizes = {split: len(labels) for split, (_, labels) in loaded.splits.items()}
     assert sizes == {"train": 1797 - 180 - 360, "val": 180, "test": 360}
     assert loaded.in_channels == 1 and loaded.image_size == 8 and loaded.num_classes == 10
-    generator = torch.Generator().manual_seed(0)
-    images, labels = next(data.batches(loaded, "train", 32, generator, crop=8, pad=1, flip=True))
+    epoch = data.EpochBatches(loaded, 32, torch.Generator().manual_seed(0), crop=8, pad=1, flip=True)
+    images, labels = next(iter(epoch))
     assert images.shape == (32, 1, 8, 8) and images.dtype == torch.float32
     assert abs(images.mean().item()) < 0.5  # normalized
+    assert len(epoch) == (1797 - 180 - 360) // 32
+
+
+def test_epoch_resumes_exactly_mid_way(tmp_path):
+    out = tmp_path / "digits.pt"
+    data.prepare_digits(out)
+    loaded = data.load_tensor_data(out, torch.device("cpu"))
+
+    def epoch(state=None):
+        return data.EpochBatches(loaded, 50, torch.Generator().manual_seed(3), 8, 2, True, state=state)
+    straight = [images for images, _ in epoch()]
+    interrupted = epoch()
+    first = [images for _, (images, _) in zip(range(7), interrupted)]
+    state = interrupted.state_dict()
+    rest = [images for images, _ in epoch(state)]
+    assert len(first) == 7 and len(first) + len(rest) == len(straight)
+    for a, b in zip(first + rest, straight):
+        assert torch.equal(a, b)
 
 
 def test_random_crop_matches_hand_indexing():

@@ -4,7 +4,8 @@
 
 All variants are built from the same initial weights and timed round-robin in one process, in a
 fresh random order each round, so machine load drifts and position effects hit them alike. The
-ratio is the median over rounds of (variant step time / plain step time in the same round).
+ratio is the median over rounds of (variant step time / plain step time in the same round);
+"plain2", a second unconverted copy, measures the noise floor of that ratio.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
     base = build_model(arch, num_classes=10, in_channels=3, image_size=32).to(device)
     images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
-    variants = {"plain": copy.deepcopy(base)}
+    # A second unconverted copy shows the noise floor: its ratio would be 1.000 on a quiet machine.
+    variants = {"plain": copy.deepcopy(base), "plain2": copy.deepcopy(base)}
     for rule in rules:
         variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=scale, seed=0)
     steps = {name: _make_step(model.train(), images, labels) for name, model in variants.items()}

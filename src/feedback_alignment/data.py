@@ -213,28 +213,51 @@ def center_crop(images: Tensor, crop: int) -> Tensor:
     return images[..., offset:offset + crop, offset:offset + crop] if offset > 0 else images
 
 
-def batches(data: TensorData, split: str, batch_size: int, generator: torch.Generator | None = None,
-            crop: int | None = None, pad: int = 0, flip: bool = False, max_batches: int | None = None):
-    """Yields normalized float batches. With a generator: shuffled and augmented (training);
-    without: in order, center-cropped (evaluation)."""
+def batches(data: TensorData, split: str, batch_size: int, crop: int | None = None,
+            max_batches: int | None = None):
+    """Evaluation batches: in order, center-cropped, normalized."""
     images, labels = data.splits[split]
     crop = crop or data.image_size
-    n = labels.shape[0]
-    if generator is not None:
-        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
-        count = n // batch_size  # drop the ragged last batch, as the peers' loaders do
-    else:
-        order = None
-        count = -(-n // batch_size)
-    if max_batches is not None:
-        count = min(count, max_batches)
-    for index in range(count):
+    count = -(-labels.shape[0] // batch_size)
+    for index in range(count if max_batches is None else min(count, max_batches)):
         select = slice(index * batch_size, (index + 1) * batch_size)
-        idx = order[select] if order is not None else None
-        batch_images = images[idx] if idx is not None else images[select]
-        batch_labels = labels[idx] if idx is not None else labels[select]
-        if generator is not None:
-            batch_images = augment(batch_images, generator, crop, pad, flip)
+        yield _normalize(data, center_crop(images[select], crop)), labels[select]
+
+
+def _normalize(data: TensorData, images: Tensor) -> Tensor:
+    return (images.float().div_(255) - data.mean) / data.std
+
+
+class EpochBatches:
+    """One epoch of shuffled, augmented training batches that can stop and resume exactly: its
+    state is the epoch's permutation, the generator state and the index of the next batch."""
+
+    def __init__(self, data: TensorData, batch_size: int, generator: torch.Generator, crop: int,
+                 pad: int, flip: bool, max_batches: int | None = None, state: dict | None = None):
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+        self.crop, self.pad, self.flip = crop, pad, flip
+        n = data.splits["train"][1].shape[0]
+        self.count = n // batch_size  # drop the ragged last batch, as the peers' loaders do
+        if max_batches is not None:
+            self.count = min(self.count, max_batches)
+        if state is None:
+            self.order = torch.randperm(n, generator=generator, device=generator.device)
+            self.next = 0
         else:
-            batch_images = center_crop(batch_images, crop)
-        yield (batch_images.float().div_(255) - data.mean) / data.std, batch_labels
+            self.order = state["order"].to(generator.device)
+            generator.set_state(state["generator"])
+            self.next = int(state["next"])
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        images, labels = self.data.splits["train"]
+        while self.next < self.count:
+            index = self.order[self.next * self.batch_size:(self.next + 1) * self.batch_size].to(images.device)
+            batch = augment(images[index], self.generator, self.crop, self.pad, self.flip)
+            self.next += 1
+            yield _normalize(self.data, batch), labels[index]
+
+    def state_dict(self) -> dict:
+        return dict(order=self.order.cpu(), generator=self.generator.get_state(), next=self.next)

@@ -40,24 +40,43 @@ class ImageNetLoaders:
             self.val_set = datasets.ImageNet(root, "val", transform=eval_transform)
         self.workers = args.workers if args.workers is not None else (args.threads or 4)
 
-    def _loader(self, dataset, shuffle: bool, generator=None):
-        return DataLoader(dataset, batch_size=self.args.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                          generator=generator, persistent_workers=False)
+    def train(self, epoch, state=None):
+        return _ImageNetEpoch(self, epoch, state)
 
-    def _batches(self, loader):
+    def eval(self, split):
+        loader = DataLoader(self.val_set, batch_size=self.args.batch_size, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda")
         for index, (images, labels) in enumerate(loader):
             if self.args.max_batches is not None and index >= self.args.max_batches:
                 return
-            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
-
-    def train(self, epoch):
-        generator = torch.Generator().manual_seed(self.args.seed * 100003 + epoch)
-        return self._batches(self._loader(self.train_set, True, generator))
-
-    def eval(self, split):
-        return self._batches(self._loader(self.val_set, False))
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches_per_epoch(self):
         n = len(self.train_set) // self.args.batch_size
         return min(n, self.args.max_batches or n)
+
+
+class _ImageNetEpoch:
+    """One training epoch in a fixed shuffled order (seeded by seed and epoch), resumable at a
+    batch: its state is the index of the next batch. (Augmentation in the workers is random and
+    not replayed; ImageNet resumes continue the same image order, not bit-identical batches.)"""
+
+    def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
+        self.loaders = loaders
+        generator = torch.Generator().manual_seed(loaders.args.seed * 100003 + epoch)
+        self.order = torch.randperm(len(loaders.train_set), generator=generator)
+        self.next = int(state["next"]) if state else 0
+
+    def __iter__(self):
+        loaders, batch_size = self.loaders, self.loaders.args.batch_size
+        count = loaders.train_batches_per_epoch()
+        remaining = self.order[self.next * batch_size:count * batch_size].tolist()
+        loader = DataLoader(loaders.train_set, batch_size=batch_size, sampler=remaining, drop_last=True,
+                            num_workers=loaders.workers, pin_memory=loaders.device.type == "cuda")
+        for images, labels in loader:
+            self.next += 1
+            yield (images.to(loaders.device, non_blocking=True),
+                   labels.to(loaders.device, non_blocking=True))
+
+    def state_dict(self) -> dict:
+        return dict(next=self.next)

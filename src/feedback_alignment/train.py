@@ -5,12 +5,19 @@
 
 Writes into --out: history.csv (one row per epoch), checkpoint.pt (latest), best.pt (the
 best-validation weights), result.json (final metrics, resolved config, provenance). A diverging
-run (non-finite loss) stops cleanly with status "diverged": a result, not a crash.
+run (non-finite loss or weights) stops cleanly with status "diverged": a result, not a crash.
+
+checkpoint.pt is written after every epoch and when SIGTERM or SIGUSR1 arrives (what SLURM sends
+before preemption). Rerunning the same command resumes from it, mid-epoch included: model,
+optimizer, feedback buffers, RNG states and data order, so that on a CPU the resumed run ends with
+exactly the metrics of an uninterrupted one. A checkpoint from another config or code version is
+refused.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +31,7 @@ from . import data as datasets
 from .convert import convert
 from .models import build_model
 from .optim import BatchManhattan
-from .provenance import provenance, torch_save, write_csv, write_json
+from .provenance import git_sha, provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES
 
 OPTIMIZERS = ("sgd", "batch_manhattan", "adam")
@@ -114,27 +121,56 @@ def evaluate(model, loader, topk=(1,)):
     return [100.0 * (1 - c / total) for c in correct], loss_sum / total
 
 
-def train_one_epoch(model, optimizer, loader, progress):
-    """One pass over the training batches: (mean loss, error %, images). Sums stay on the device
-    so that a GPU is not synchronized every step; the caller checks the loss for divergence."""
-    model.train()
-    loss_sum = wrong = None
-    seen = 0
-    for images, labels in loader:
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        batch_loss = loss.detach() * labels.shape[0]
-        batch_wrong = (logits.detach().argmax(1) != labels).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        wrong = batch_wrong if wrong is None else wrong + batch_wrong
-        seen += labels.shape[0]
-        progress.update(1)
-    if seen == 0:
-        raise ValueError("no training batch: the training split is smaller than --batch-size")
-    return float(loss_sum) / seen, 100.0 * int(wrong) / seen, seen
+class StopRequest:
+    """Remembers SIGTERM / SIGUSR1 so that the loop can checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+# Flags that change where or how fast a run goes, not what it computes.
+PLACEMENT_KEYS = ("out", "data", "threads", "device", "workers")
+
+
+def semantic_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
+
+
+def check_checkpoint(checkpoint: dict, config: dict, path: Path) -> None:
+    """Refuse to resume from a checkpoint that another config or code version wrote."""
+    theirs, ours = checkpoint["config"], semantic_config(config)
+    differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differing:
+        key = differing[0]
+        raise CheckpointMismatch(f"{path} was written with a different config ({key}: "
+                                 f"{theirs.get(key)!r} there, {ours.get(key)!r} now); "
+                                 "delete it to start over")
+    sha = git_sha()
+    if checkpoint["git_sha"] != sha and "unknown" not in (checkpoint["git_sha"], sha):
+        raise CheckpointMismatch(f"{path} was written by code version {checkpoint['git_sha']}, "
+                                 f"this is {sha}; delete it to start over")
+
+
+def rng_states(device) -> dict:
+    states = dict(torch=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 class Loaders:
@@ -149,14 +185,14 @@ class Loaders:
         if self.image_size > self.data.image_size + 2 * args.pad:
             raise datasets.DataError(f"--crop {args.crop} is larger than the padded {args.dataset} images")
 
-    def train(self, epoch):
+    def train(self, epoch, state=None):
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed * 100003 + epoch)
-        return datasets.batches(self.data, "train", self.args.batch_size, generator, self.image_size,
-                                self.args.pad, self.args.flip, self.args.max_batches)
+        return datasets.EpochBatches(self.data, self.args.batch_size, generator, self.image_size,
+                                     self.args.pad, self.args.flip, self.args.max_batches, state)
 
     def eval(self, split):
-        return datasets.batches(self.data, split, self.args.batch_size * 2, None, self.image_size,
-                                max_batches=self.args.max_batches)
+        return datasets.batches(self.data, split, self.args.batch_size * 2, self.image_size,
+                                self.args.max_batches)
 
     def train_batches_per_epoch(self):
         n = self.data.splits["train"][1].shape[0] // self.args.batch_size
@@ -168,6 +204,11 @@ def make_loaders(args, device):
         return Loaders(args, device)
     from .imagenet import ImageNetLoaders
     return ImageNetLoaders(args, device)
+
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr",
+                   "seconds", "images_per_s"]
+DIVERGENCE_CHECK_EVERY = 20  # steps; a check synchronizes a GPU, so not every step
 
 
 def run(args) -> dict:
@@ -182,41 +223,96 @@ def run(args) -> dict:
     model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size).to(device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
     topk = (1, 5) if loaders.num_classes > 10 else (1,)
+    stop = StopRequest()
 
-    history, best_val, best_epoch, status, diverged_at = [], math.inf, None, "completed", None
-    total_batches = args.epochs * loaders.train_batches_per_epoch()
-    with tqdm(total=total_batches, desc=f"{args.rule} seed {args.seed}", file=sys.stderr,
-              mininterval=5.0, unit="batch") as progress:
-        for epoch in range(args.epochs):
+    # Everything a resumed run needs besides model and optimizer.
+    state = dict(epoch=0, batches=None, sums=None, step=0, history=[], best_val=math.inf,
+                 best_epoch=None, epoch_seconds=0.0)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.is_file():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        check_checkpoint(checkpoint, config, checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_states(checkpoint["rng"], device)
+        state = checkpoint["state"]
+        print(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, "
+              f"batch {state['batches']['next'] if state['batches'] else 0}", file=sys.stderr)
+
+    def save_checkpoint(epoch_batches=None):
+        state["batches"] = epoch_batches.state_dict() if epoch_batches is not None else None
+        torch_save(checkpoint_path, dict(config=semantic_config(config), git_sha=git_sha(),
+                                         model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                         rng=rng_states(device), state=state))
+
+    status, diverged_at = "completed", None
+    per_epoch = loaders.train_batches_per_epoch()
+    with tqdm(total=args.epochs * per_epoch, initial=min(state["step"], args.epochs * per_epoch),
+              desc=f"{args.rule} seed {args.seed}", file=sys.stderr, mininterval=5.0,
+              unit="batch") as progress:
+        while state["epoch"] < args.epochs and status == "completed":
+            epoch = state["epoch"]
             lr = lr_at(epoch, args.lr, args.lr_milestones, args.lr_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            epoch_batches = loaders.train(epoch, state["batches"])
+            # Loss and error sums stay on the device: no GPU synchronization per step.
+            sums = state["sums"] or dict(loss=torch.zeros((), device=device),
+                                         wrong=torch.zeros((), device=device, dtype=torch.int64),
+                                         first_bad_step=torch.full((), -1, device=device), seen=0)
+            model.train()
             start = time.perf_counter()
-            train_loss, train_error, seen = train_one_epoch(model, optimizer, loaders.train(epoch), progress)
-            seconds = time.perf_counter() - start
+            for images, labels in epoch_batches:
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+                loss.backward()
+                optimizer.step()
+                sums["loss"] += loss.detach() * labels.shape[0]
+                # Where the loss first went non-finite, recorded on the device without a sync.
+                sums["first_bad_step"] = torch.where(
+                    (sums["first_bad_step"] < 0) & ~torch.isfinite(loss.detach()),
+                    state["step"] + 1, sums["first_bad_step"])
+                sums["wrong"] += (logits.detach().argmax(1) != labels).sum()
+                sums["seen"] += labels.shape[0]
+                state["step"] += 1
+                progress.update(1)
+                if state["step"] % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(sums["loss"]):
+                    break
+                if stop.signal:
+                    state["sums"] = sums
+                    state["epoch_seconds"] += time.perf_counter() - start
+                    save_checkpoint(epoch_batches)
+                    raise SystemExit(f"train: {stop.signal} at epoch {epoch + 1}, step {state['step']}: "
+                                     f"checkpoint saved to {checkpoint_path}; rerun to resume")
+            seconds = state["epoch_seconds"] + time.perf_counter() - start
+            seen = max(sums["seen"], 1)
+            train_loss, train_error = float(sums["loss"]) / seen, 100.0 * int(sums["wrong"]) / seen
             if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
-                status, diverged_at = "diverged", epoch + 1
+                bad_step = int(sums["first_bad_step"])
+                status, diverged_at = "diverged", dict(epoch=epoch + 1,
+                                                       step=bad_step if bad_step > 0 else state["step"])
                 break
             (val_error, *_), _ = evaluate(model, loaders.eval("val"), topk)
             (test_error, *_), _ = evaluate(model, loaders.eval("test"), topk)
-            history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
-                                val_error=val_error, test_error=test_error, lr=lr,
-                                seconds=seconds, images_per_s=seen / seconds))
-            write_csv(out / "history.csv", pd.DataFrame(history))
-            if val_error < best_val:
-                best_val, best_epoch = val_error, epoch + 1
+            state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
+                                         val_error=val_error, test_error=test_error, lr=lr,
+                                         seconds=seconds, images_per_s=sums["seen"] / seconds))
+            write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
+            if val_error < state["best_val"]:
+                state["best_val"], state["best_epoch"] = val_error, epoch + 1
                 torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
-            torch_save(out / "checkpoint.pt", dict(model=model.state_dict(),
-                                                   optimizer=optimizer.state_dict(), epoch=epoch + 1))
+            state.update(epoch=epoch + 1, sums=None, epoch_seconds=0.0)
+            save_checkpoint()
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_error:.2f}%")
-    if not history:  # keep the promised files even when the first epoch diverged
-        write_csv(out / "history.csv", pd.DataFrame(columns=["epoch", "train_loss", "train_error",
-                                                             "val_error", "test_error", "lr",
-                                                             "seconds", "images_per_s"]))
-        torch_save(out / "checkpoint.pt", dict(model=model.state_dict(), epoch=0))
+
+    history = state["history"]
+    write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
     last = history[-1] if history else {}
-    result = dict(status=status, diverged_at_epoch=diverged_at, epochs_completed=len(history),
-                  best_epoch=best_epoch, best_val_error=None if best_epoch is None else best_val,
+    best_epoch = state["best_epoch"]
+    result = dict(status=status, diverged_at_epoch=diverged_at and diverged_at["epoch"],
+                  diverged_at_step=diverged_at and diverged_at["step"], epochs_completed=len(history),
+                  best_epoch=best_epoch, best_val_error=None if best_epoch is None else state["best_val"],
                   final_train_loss=last.get("train_loss"), final_val_error=last.get("val_error"),
                   final_test_error=last.get("test_error"), num_classes=loaders.num_classes,
                   in_channels=loaders.in_channels, image_size=loaders.image_size,
@@ -229,7 +325,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (datasets.DataError, ValueError) as error:
+    except (datasets.DataError, ValueError, FileNotFoundError) as error:
         sys.exit(f"train: {error}")
     print(f"{args.out}: {result['status']}, best val error {result['best_val_error']}", file=sys.stderr)
 

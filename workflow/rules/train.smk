@@ -1,4 +1,7 @@
 # One job per run; the CLI does the work. Threads reach torch through --threads.
+# checkpoint.pt and best.pt are written beside the declared outputs but not declared: Snakemake
+# deletes the declared outputs of a failed or preempted job, and the rerun resumes from the
+# checkpoint. evaluate reads best.pt, which exists whenever result.json does.
 RUN = RESULTS + "/runs/{dataset}/{arch}/{learning_rule}-{variant}/seed{seed}"
 
 
@@ -15,7 +18,6 @@ rule train:
     output:
         result=RUN + "/result.json",
         history=RUN + "/history.csv",
-        checkpoint=RUN + "/checkpoint.pt",
     params:
         flags=train_flags,
         device="auto",  # cuda where the job landed on a GPU, else cpu

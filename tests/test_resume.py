@@ -1,0 +1,125 @@
+"""Runs survive kills and preemption; a checkpoint of another config is refused; divergence is a result."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from feedback_alignment import data, figures, summarize
+
+RUN_FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--rule", "brsf", "--scale", "match",
+             "--epochs", "5", "--batch-size", "16", "--lr", "0.05", "--lr-milestones", "3",
+             "--flip", "--pad", "1", "--threads", "1", "--device", "cpu", "--seed", "3"]
+COMPARED = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "digits.pt"
+    data.prepare_digits(path)
+    return path
+
+
+def train_command(digits, out, *extra):
+    return [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
+            "--data", str(digits), "--out", str(out), *RUN_FLAGS, *extra]
+
+
+def finish(command):
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    return process
+
+
+def interrupt_after_first_epoch(command, out, signum, extra_wait=0.0):
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    time.sleep(extra_wait)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+def assert_same_run(resumed, straight):
+    a, b = pd.read_csv(resumed / "history.csv"), pd.read_csv(straight / "history.csv")
+    pd.testing.assert_frame_equal(a[COMPARED], b[COMPARED], check_exact=True)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (resumed, straight))
+    for key in ("final_train_loss", "final_val_error", "final_test_error", "best_epoch", "best_val_error"):
+        assert ra[key] == rb[key], key
+    wa, wb = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (resumed, straight))
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    finish(train_command(digits, out))
+    return out
+
+
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(digits, straight_run, tmp_path):
+    out = tmp_path / "run"
+    returncode, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGKILL, 0.05)
+    assert returncode == -signal.SIGKILL
+    assert not (out / "result.json").exists()
+    resumed = finish(train_command(digits, out))
+    assert "resuming from" in resumed.stderr
+    assert_same_run(out, straight_run)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits, straight_run, tmp_path):
+    out = tmp_path / "run"
+    returncode, stderr = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM, 0.05)
+    assert returncode == 1
+    assert "train: SIGTERM at epoch" in stderr and "rerun to resume" in stderr
+    assert "Traceback" not in stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    assert state["batches"] is not None and state["batches"]["next"] > 0  # mid-epoch
+    finish(train_command(digits, out))
+    assert_same_run(out, straight_run)
+
+
+def test_checkpoint_of_another_config_is_refused(digits, tmp_path):
+    out = tmp_path / "run"
+    finish(train_command(digits, out, "--epochs", "1"))
+    before = (out / "checkpoint.pt").read_bytes()
+    process = subprocess.run(train_command(digits, out, "--epochs", "1", "--lr", "0.01"),
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1
+    assert "different config (lr: 0.05 there, 0.01 now)" in process.stderr
+    assert "Traceback" not in process.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
+    runs = tmp_path / "runs"
+    diverging = runs / "usf-raw"
+    fine = runs / "bp"
+    base = ["--arch", "convnet", "--depth", "6", "--width", "16", "--no-batch-norm", "--epochs", "3",
+            "--threads", "1", "--device", "cpu", "--lr", "0.5", "--batch-size", "32"]
+    command = [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits", "--data", str(digits)]
+    finish(command + base + ["--rule", "usf", "--scale", "none", "--variant", "raw", "--out", str(diverging)])
+    finish(command + base[:-4] + ["--lr", "0.01", "--batch-size", "32", "--rule", "bp", "--out", str(fine),
+                                  "--epochs", "1"])
+    result = json.loads((diverging / "result.json").read_text())
+    assert result["status"] == "diverged" and result["diverged_at_epoch"] == 1
+    assert result["diverged_at_step"] >= 1 and result["best_epoch"] is None
+    for run in (diverging, fine):
+        finish([sys.executable, "-m", "feedback_alignment", "evaluate", "--run", str(run)])
+    evaluation = json.loads((diverging / "evaluation.json").read_text())
+    assert evaluation["status"] == "diverged" and evaluation["test_error_top1"] is None
+    summarize.main(["--runs", str(runs), "--out", str(tmp_path)])
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("rule")
+    assert summary.loc["usf", "n_diverged"] == 1 and summary.loc["bp", "n_diverged"] == 0
+    figures.main(["--results", str(tmp_path), "--out", str(tmp_path / "figures")])
+    assert (tmp_path / "figures" / "final_error.png").stat().st_size > 0
