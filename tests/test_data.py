@@ -91,6 +91,37 @@ def test_cifar10_unreachable_and_escaping_archive(tmp_path, loopback_server):
     assert list(out.parent.iterdir()) == [] and not (tmp_path / "data" / "escape.txt").exists()
 
 
+@pytest.mark.parametrize("member, message", [
+    ("/tmp/absolute.txt", "would extract outside"),
+    ("cifar-10-batches-py/../../up.txt", "would extract outside"),
+])
+def test_archive_members_escaping_the_target_are_refused(tmp_path, loopback_server, member, message):
+    served, base = loopback_server
+    _cifar_archive(served / "evil.tar.gz", evil_member=member)
+    out = tmp_path / "data" / "cifar10.pt"
+    with pytest.raises(data.DataError, match=message):
+        data.prepare_cifar10(out, url=f"{base}/evil.tar.gz", md5=None, val_size=10)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_archive_links_and_truncation_are_refused(tmp_path, loopback_server):
+    served, base = loopback_server
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        link = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    (served / "link.tar.gz").write_bytes(buffer.getvalue())
+    out = tmp_path / "data" / "cifar10.pt"
+    with pytest.raises(data.DataError, match="is a link or special file"):
+        data.prepare_cifar10(out, url=f"{base}/link.tar.gz", md5=None)
+    whole = _cifar_archive(served / "whole.tar.gz")
+    (served / "cut.tar.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(data.DataError, match="not a readable tar.gz archive"):
+        data.prepare_cifar10(out, url=f"{base}/cut.tar.gz", md5=None, val_size=10)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_digits_cache_and_batches(tmp_path):
     out = tmp_path / "digits.pt"
     data.prepare_digits(out)

@@ -79,6 +79,11 @@ def test_tiny_study_end_to_end(tmp_path):
     (lambda c: c["datasets"].update(imagenet={}), "datasets.imagenet"),
     (lambda c: c["variants"]["raw"].update(scale="huge"), "variants.raw.scale"),
     (lambda c: c["training"].update(learning_rate=0.1), "training"),
+    (lambda c: c["variants"]["raw"].update(exclude=["clasifier"]), "variants.raw.exclude"),
+    (lambda c: c["archs"]["net"].update(augment={"crop": 12}), "archs.net.augment.crop"),
+    (lambda c: c["archs"].update(net={"arch": "resnet18"}), "archs.net with variants.exact on digits"),
+    (lambda c: c["archs"]["net"].update(arch="nonet"), "archs.net with variants.exact on digits"),
+    (lambda c: c.update(seeds="0"), "seeds"),
 ])
 def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
     config = json.loads(json.dumps(TINY))

@@ -89,6 +89,37 @@ def _runs(config):
 
 RUNS = _runs(config)
 
+IMAGE_SIZES = {"digits": (1, 8), "cifar10": (3, 32)}  # (channels, side); imagenet is resized
+
+
+def _check_models(config):
+    """Combinations that cannot run, found before any job starts: build each (dataset, arch,
+    variant) model on the meta device (no memory, no time) and check crops and excluded names."""
+    import torch
+    from feedback_alignment.models import build_model
+
+    checked = set()
+    for dataset, arch, _, variant, _ in RUNS:
+        if (dataset, arch, variant) in checked:
+            continue
+        checked.add((dataset, arch, variant))
+        s = resolve_settings(dataset, arch, variant)
+        channels, side = IMAGE_SIZES.get(dataset, (3, s.get("crop", 224)))
+        crop = s.get("crop", side)
+        if crop > side + 2 * s.get("pad", 0):
+            _config_error(f"archs.{arch}.augment.crop", f"crop {crop} is larger than the "
+                          f"{side}x{side} {dataset} images plus padding")
+        try:
+            with torch.device("meta"):
+                model = build_model(s["arch"], 10, channels, crop, s["batch_norm"], s["depth"], s["width"])
+        except ValueError as error:
+            _config_error(f"archs.{arch} with variants.{variant} on {dataset}", str(error))
+        names = {name for name, _ in model.named_modules()}
+        for name in s["exclude"]:
+            if name not in names:
+                _config_error(f"variants.{variant}.exclude", f"{name!r} is not a module of {s['arch']}")
+
+
 
 def run_dir(dataset, arch, rule, variant, seed):
     return f"{RESULTS}/runs/{dataset}/{arch}/{rule}-{variant}/seed{seed}"
@@ -98,11 +129,11 @@ def data_file(dataset):
     return f"{DATA_DIR}/{dataset}.json" if dataset == "imagenet" else f"{DATA_DIR}/{dataset}.pt"
 
 
-def run_settings(wildcards):
+def resolve_settings(dataset_name, arch_name, variant_name):
     """The resolved settings of one run: schema defaults < training < arch < variant."""
-    arch = config["archs"][wildcards.arch]
-    variant = config["variants"][wildcards.variant]
-    dataset = config["datasets"][wildcards.dataset]
+    arch = config["archs"][arch_name]
+    variant = config["variants"][variant_name]
+    dataset = config["datasets"][dataset_name]
     training = {**TRAINING_DEFAULTS, **config.get("training", {}), **arch.get("training", {})}
     training.update({k: variant[k] for k in ("optimizer", "lr") if k in variant})
     augment = {**dataset.get("augment", {}), **arch.get("augment", {})}
@@ -116,7 +147,7 @@ def run_settings(wildcards):
 
 def train_flags(wildcards):
     """The train CLI's flags for one run, spelled out so the log shows the exact command."""
-    s = run_settings(wildcards)
+    s = resolve_settings(wildcards.dataset, wildcards.arch, wildcards.variant)
     flags = [f"--arch {s['arch']}", f"--arch-label {wildcards.arch}", f"--variant {wildcards.variant}",
              f"--depth {s['depth']}", f"--width {s['width']}",
              "--batch-norm" if s["batch_norm"] else "--no-batch-norm",
@@ -151,3 +182,6 @@ def prepare_flags(wildcards):
 
 def all_evaluations():
     return [f"{run_dir(*run)}/evaluation.json" for run in RUNS]
+
+
+_check_models(config)
