@@ -95,7 +95,7 @@ def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
 
 
 def test_shipped_configs_plan(tmp_path):
-    for name, runs in (("config.yaml", 27), ("cifar10.yaml", 27)):
+    for name, runs in (("config.yaml", 27), ("cifar10.yaml", 3 * (3 + 36 + 16 + 1 + 4)), ("depth.yaml", 252)):
         process = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / name))
         assert job_counts(process.stdout)["train"] == runs, process.stdout[-2000:]
 
@@ -117,5 +117,5 @@ def test_slurm_profile_plans_the_grid_without_slurm(tmp_path):
                         "--configfile", str(REPO / "config" / "cifar10.yaml"))
     out = process.stdout
     counts = job_counts(out)
-    assert counts["train"] == 27 and counts["evaluate"] == 27
+    assert counts["train"] == 180 and counts["evaluate"] == 180
     assert "gpu=1" in out and "slurm_partition=gpu" in out

@@ -3,11 +3,11 @@
     import feedback_alignment as fa
     model = fa.convert(model, rule="frsf", scale="match", seed=0)
 """
-from . import optim
+from . import alignment, optim
 from .convert import convert, feedback_layers
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .rules import RULES, SCALES, get_rule
 
-__all__ = ["RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
+__all__ = ["alignment", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
            "FeedbackConv2d", "FeedbackLayer", "FeedbackLinear"]
 __version__ = "0.1.0"

@@ -5,7 +5,14 @@
 - test_error_curves.png : test error over epochs, one line per rule (mean over seeds, band = min
   to max), one panel per dataset/arch (rows) and variant (columns); backprop drawn in every panel
 - final_error.png       : final test error per rule and variant, mean with a bar from min to max
-  over seeds, each seed a dot; diverged runs marked
+  over seeds, each seed a dot; diverged runs marked; published reference numbers as red marks
+- update_angles.png     : per-layer angle between the rule's weight update and backprop's, over
+  training (from alignment.csv; needs training.alignment_every > 0)
+- feedback_alignment.png: per-layer angle between B and W, and ||B|| / ||W||, over training
+- gradient_norms.png    : per-layer weight-gradient norm at initialization and at the last
+  measurement, per rule and variant, beside backprop's on the same batch
+- error_vs_depth.png    : final test error against depth (convnet archs), per rule and variant
+A figure without the data it needs says so on its face instead of being left out.
 """
 from __future__ import annotations
 
@@ -66,7 +73,16 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
+def _placeholder(path: Path, message: str) -> None:
+    figure, axis = plt.subplots(figsize=(6, 1.6))
+    axis.axis("off")
+    axis.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10)
+    save_figure(path, figure)
+    plt.close(figure)
+
+
+def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path,
+                reference: pd.DataFrame | None = None) -> None:
     panels = summary[["dataset", "arch"]].drop_duplicates().values.tolist()
     figure, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(8, 3.6 * len(panels)))
     for row, (dataset, arch) in enumerate(panels):
@@ -96,6 +112,14 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
                 top = g.test_error_max if pd.notna(g.test_error_max) else 0.0
                 axis.annotate(label, (x, top), ha="center", va="bottom", fontsize=7,
                               xytext=(0, 2), textcoords="offset points")
+        if reference is not None:
+            published = reference[(reference.dataset == dataset) & (reference.arch == arch)]
+            for r_index, rule in enumerate(rules):
+                value = published.loc[published.rule == rule, "test_error_top1"]
+                if len(value):
+                    axis.plot([r_index - 0.45, r_index + 0.45], [value.iloc[0]] * 2, color="red",
+                              linewidth=2, label="published (BioTorch)" if "pub" not in labelled else None)
+                    labelled.add("pub")
         axis.set_xticks(range(len(rules)), rules)
         axis.set_ylabel("final test error (%)")
         axis.set_title(f"{dataset} / {arch}: bar = mean, whisker = min-max, dots = seeds", fontsize=10)
@@ -106,6 +130,135 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+def _layer_colors(count: int):
+    colormap = plt.get_cmap("viridis")
+    return [colormap(i / max(count - 1, 1)) for i in range(count)]
+
+
+def _alignment_panels(alignment: pd.DataFrame):
+    """(dataset, arch, variant) groups with asymmetric rules, and those rules in order."""
+    shown = alignment[alignment.rule != "bp"]
+    groups = shown[["dataset", "arch", "variant"]].drop_duplicates().values.tolist()
+    return groups, _rule_order(shown.rule)
+
+
+def per_layer_over_training(alignment: pd.DataFrame, path: Path, columns: list[tuple[str, str]],
+                            title: str) -> None:
+    """One row of panels per (dataset, arch, variant) and measured quantity, one column per rule;
+    one line per layer (dark: first layer, yellow: last), mean over seeds."""
+    groups, rules = _alignment_panels(alignment)
+    rows = [(group, column) for group in groups for column in columns]
+    figure, axes = plt.subplots(len(rows), len(rules), squeeze=False, sharex=True,
+                                figsize=(3.3 * len(rules), 2.6 * len(rows)))
+    for row, ((dataset, arch, variant), (column, label)) in enumerate(rows):
+        group = alignment[(alignment.dataset == dataset) & (alignment.arch == arch)
+                          & (alignment.variant == variant)]
+        for col, rule in enumerate(rules):
+            axis = axes[row][col]
+            here = group[group.rule == rule]
+            layers = list(dict.fromkeys(here.layer))
+            for color, layer in zip(_layer_colors(len(layers)), layers):
+                curve = here[here.layer == layer].groupby("step")[column].mean()
+                axis.plot(curve.index, curve.values, color=color, linewidth=1.2,
+                          label=layer if layer in (layers[0], layers[-1]) else None)
+            if column == "norm_ratio":
+                axis.set_yscale("log")
+                axis.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+                low, high = axis.get_ylim()  # at least a factor 2 each way, so 1 +- 2% looks flat
+                axis.set_ylim(min(low, 0.5), max(high, 2.0))
+            elif column.startswith("angle"):
+                axis.set_ylim(0, 100)
+                axis.axhline(90, color="gray", linestyle=":", linewidth=1)
+            axis.set_title(f"{rule} — {dataset}/{arch}, {variant}", fontsize=8)
+            if col == 0:
+                axis.set_ylabel(label, fontsize=9)
+            if row == len(rows) - 1:
+                axis.set_xlabel("training step")
+            axis.grid(True, alpha=0.3)
+            if layers and row == 0 and col == len(rules) - 1:
+                axis.legend(title="layer", fontsize=7, title_fontsize=7)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    save_figure(path, figure)
+    plt.close(figure)
+
+
+def gradient_norms(alignment: pd.DataFrame, path: Path) -> None:
+    """Per layer (x: input to output), the rule's weight-gradient norm divided by backprop's on the
+    same weights and batch, at the first and at the last measurement. 1 means the rule's error
+    signal has the size of the true one; growth towards the input is explosion, decay vanishing."""
+    groups, rules = _alignment_panels(alignment)
+    figure, axes = plt.subplots(len(groups), 2, squeeze=False, sharey="row",
+                                figsize=(10, 3.4 * len(groups)))
+    for row, (dataset, arch, variant) in enumerate(groups):
+        group = alignment[(alignment.dataset == dataset) & (alignment.arch == arch)
+                          & (alignment.variant == variant)]
+        for col, (when, pick) in enumerate((("at initialization", min), ("at the last measurement", max))):
+            axis = axes[row][col]
+            for rule in rules:
+                here = group[group.rule == rule]
+                if here.empty:
+                    continue
+                at = here[here.step == pick(here.step)]
+                layers = list(dict.fromkeys(at.layer))
+                means = at.groupby("layer", sort=False)[["grad_norm", "grad_norm_bp"]].mean().loc[layers]
+                axis.plot(range(len(layers)), means.grad_norm / means.grad_norm_bp, marker="o",
+                          markersize=3, color=RULE_COLORS.get(rule), label=rule)
+            axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label="= backprop")
+            axis.set_yscale("log")
+            axis.set_xlabel("layer (input -> output)")
+            axis.set_title(f"{dataset}/{arch}, {variant}: {when}", fontsize=9)
+            axis.grid(True, which="both", alpha=0.3)
+        axes[row][0].set_ylabel("||dL/dW|| rule / backprop")
+        axes[row][-1].legend(fontsize=7)
+    figure.suptitle("Weight-gradient norm per layer relative to backprop on the same weights and batch:\n"
+                    "above 1 the error signal explodes, below 1 it vanishes", fontsize=10)
+    figure.tight_layout()
+    save_figure(path, figure)
+    plt.close(figure)
+
+
+def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
+    deep = summary[summary.depth.notna()]
+    variants = [v for v in deep.variant.drop_duplicates() if (deep.loc[deep.variant == v, "rule"] != "bp").any()]
+    figure, axes = plt.subplots(1, len(variants), squeeze=False, sharey=True,
+                                figsize=(4.2 * len(variants), 3.6))
+    backprop = deep[deep.rule == "bp"]
+    for col, variant in enumerate(variants):
+        axis = axes[0][col]
+        shown = pd.concat([backprop, deep[(deep.variant == variant) & (deep.rule != "bp")]])
+        for rule in _rule_order(shown.rule):
+            here = shown[shown.rule == rule].groupby("depth")[["test_error_mean", "test_error_min",
+                                                             "test_error_max", "n_diverged"]].mean()
+            axis.errorbar(here.index, here.test_error_mean,
+                          yerr=[here.test_error_mean - here.test_error_min,
+                                here.test_error_max - here.test_error_mean],
+                          color=RULE_COLORS.get(rule), marker="o", capsize=3, label=rule,
+                          linestyle="--" if rule == "bp" else "-")
+            for depth, diverged in here.n_diverged.items():
+                if diverged:
+                    axis.annotate(f"{diverged:.0f} div.", (depth, here.test_error_max[depth]), fontsize=6,
+                                  color=RULE_COLORS.get(rule), xytext=(2, 2), textcoords="offset points")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("depth (conv layers)")
+        axis.set_title(f"variant: {variant}", fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("final test error (%, log)")
+    axes[0][-1].legend(fontsize=8)
+    figure.suptitle("Final test error against depth (mean over seeds, whiskers: min-max)", fontsize=11)
+    figure.tight_layout()
+    save_figure(path, figure)
+    plt.close(figure)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m feedback_alignment figures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,15 +267,33 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     try:
-        summary = pd.read_csv(results / "summary.csv")
-        runs = pd.read_csv(results / "runs.csv")
-        history = pd.read_csv(results / "histories.csv")
+        summary, runs = pd.read_csv(results / "summary.csv"), pd.read_csv(results / "runs.csv")
     except (FileNotFoundError, pd.errors.EmptyDataError) as error:
         sys.exit(f"figures: {error}")
+    history = _read(results / "histories.csv")
+    alignment = _read(results / "alignment.csv") if (results / "alignment.csv").exists() else pd.DataFrame()
+    reference = _read(results / "references.csv") if (results / "references.csv").exists() else None
     if history.empty:
-        sys.exit(f"figures: {results / 'histories.csv'} holds no epochs (every run diverged at once?)")
-    test_error_curves(history, out / "test_error_curves.png")
-    final_error(summary, runs, out / "final_error.png")
+        _placeholder(out / "test_error_curves.png", "No completed epoch in any run (all diverged at once?)")
+    else:
+        test_error_curves(history, out / "test_error_curves.png")
+    final_error(summary, runs, out / "final_error.png", reference)
+    if alignment.empty or (alignment.rule == "bp").all():
+        note = "No alignment measurements of a non-bp rule in this experiment (set training.alignment_every > 0)"
+        for name in ("update_angles.png", "feedback_alignment.png", "gradient_norms.png"):
+            _placeholder(out / name, note)
+    else:
+        per_layer_over_training(alignment, out / "update_angles.png",
+                                [("angle_update", "update vs bp (deg)")],
+                                "Angle between the rule's weight update and backprop's, per layer")
+        per_layer_over_training(alignment, out / "feedback_alignment.png",
+                                [("angle_feedback_weight", "angle(B, W) (deg)"), ("norm_ratio", "||B|| / ||W||")],
+                                "Feedback weights against forward weights, per layer")
+        gradient_norms(alignment, out / "gradient_norms.png")
+    if summary.get("depth") is None or summary.depth.nunique() < 2:
+        _placeholder(out / "error_vs_depth.png", "This experiment has fewer than two convnet depths")
+    else:
+        error_vs_depth(summary, out / "error_vs_depth.png")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ class ImageNetLoaders:
                 return
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
+    def probe_batch(self, size):
+        """A fixed batch (the first validation images) for the alignment measurements."""
+        loader = DataLoader(self.val_set, batch_size=size, num_workers=0)
+        images, labels = next(iter(loader))
+        return images.to(self.device), labels.to(self.device)
+
     def train_batches_per_epoch(self):
         n = len(self.train_set) // self.args.batch_size
         return min(n, self.args.max_batches or n)

@@ -158,10 +158,14 @@ class FeedbackLayer:
             return self.weight
         return self.feedback_direction * self.feedback_gain
 
+    # Set by alignment.measure: keep B as it is (no redraw, no rescale) and/or run as exact backprop.
+    _feedback_frozen = False
+    _exact_backprop = False
+
     def _uses_feedback_path(self, input: Tensor) -> bool:
         # Plain layer when no gradient can flow (inference costs exactly the plain layer) and for bp.
-        return (self.rule.write_feedback is not None and torch.is_grad_enabled()
-                and (input.requires_grad or self.weight.requires_grad))
+        return (self.rule.write_feedback is not None and not self._exact_backprop
+                and torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
 
     def extra_repr(self) -> str:
         norm = ", constrain_weight_norm=True" if self.constrain_weight_norm else ""
@@ -172,7 +176,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     """nn.Conv2d whose input gradient flows through `feedback_weight`."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training:
+        if self.training and not self._feedback_frozen:
             self.refresh_feedback_()
         if not self._uses_feedback_path(input):
             return self._conv_forward(input, self.weight, self.bias)
@@ -207,7 +211,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     """nn.Linear whose input gradient flows through `feedback_weight`; inputs of any rank."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training:
+        if self.training and not self._feedback_frozen:
             self.refresh_feedback_()
         if not self._uses_feedback_path(input):
             return F.linear(input, self.weight, self.bias)

@@ -2,15 +2,19 @@
 
     python -m feedback_alignment summarize --runs results/demo/runs --out results/demo
 
-Reads the given evaluation.json files (or every one below given folders) with their history.csv; writes summary.csv (test error
-mean, std, n_seeds and n_diverged per group) and histories.csv (every epoch of every run, labelled)
-that the figures are drawn from. Diverged runs are counted, not dropped.
+Reads the given evaluation.json files (or every one below given folders) with the history.csv
+and alignment.csv beside them; writes summary.csv (test error mean, std, n_seeds and n_diverged
+per group), runs.csv (one row per run), histories.csv and alignment.csv (every epoch and every
+measurement of every run, labelled) that the figures are drawn from, references.csv (the published
+numbers we compare with, with sources) and vs_reference.csv (ours beside theirs where one exists).
+Diverged runs are counted, not dropped.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +24,8 @@ from .provenance import write_csv
 KEYS = ["dataset", "arch", "rule", "variant"]
 
 
-def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    rows, histories = [], []
+def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    rows, histories, alignments = [], [], []
     paths = []
     for source in sources:
         paths += sorted(source.rglob("evaluation.json")) if source.is_dir() else [source]
@@ -30,7 +34,8 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         config = evaluation["config"]
         labels = dict(dataset=config["dataset"], arch=config.get("arch_label") or config["arch"],
                       rule=config["rule"], variant=config.get("variant", "default"), seed=config["seed"])
-        rows.append(dict(**labels, status=evaluation["status"], best_epoch=evaluation["best_epoch"],
+        rows.append(dict(**labels, depth=config.get("depth") if config["arch"] == "convnet" else None,
+                         status=evaluation["status"], best_epoch=evaluation["best_epoch"],
                          test_error_top1=evaluation["test_error_top1"],
                          test_error_top5=evaluation.get("test_error_top5")))
         history_path = path.parent / "history.csv"
@@ -38,11 +43,32 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             history = pd.read_csv(history_path)
             if len(history):
                 histories.append(history.assign(**labels, status=evaluation["status"]))
+        alignment_path = path.parent / "alignment.csv"
+        if alignment_path.is_file() and alignment_path.stat().st_size:
+            alignments.append(pd.read_csv(alignment_path).drop(columns="rule").assign(**labels))
     if not rows:
         raise FileNotFoundError(f"no evaluation.json in {', '.join(map(str, sources))}")
     runs = pd.DataFrame(rows)
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
-    return runs, history
+    alignment = pd.concat(alignments, ignore_index=True) if alignments else pd.DataFrame()
+    return runs, history, alignment
+
+
+def references() -> pd.DataFrame:
+    """Published top-1 test errors (%) with their source (shared/docs/paper.md)."""
+    with resources.files("feedback_alignment").joinpath("resources/references.csv").open() as handle:
+        return pd.read_csv(handle)
+
+
+def versus_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Ours (mean +- std over n seeds) beside the published number, where one exists."""
+    merged = summary.merge(reference.rename(columns={"test_error_top1": "reference_error"}),
+                           on=["dataset", "arch", "rule"], how="inner")
+    merged["difference"] = merged["test_error_mean"] - merged["reference_error"]
+    merged["ours"] = [f"{m:.2f} +- {s:.2f} (n={n})" for m, s, n in
+                      zip(merged.test_error_mean, merged.test_error_std.fillna(0), merged.n_seeds)]
+    return merged[["dataset", "arch", "rule", "variant", "ours", "test_error_mean", "test_error_std",
+                   "n_seeds", "n_diverged", "reference_error", "difference", "source"]]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -59,7 +85,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             out.update(test_error_top5_mean=top5.mean(),
                        test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
         return pd.Series(out)
-    summary = runs.groupby(KEYS, sort=False).apply(aggregate, include_groups=False).reset_index()
+    summary = runs.groupby(KEYS, sort=False, dropna=False).apply(aggregate, include_groups=False).reset_index()
+    depths = runs.groupby(KEYS, sort=False)["depth"].first().reset_index()
+    summary = summary.merge(depths, on=KEYS, how="left")
     summary[["n_seeds", "n_diverged"]] = summary[["n_seeds", "n_diverged"]].astype(int)
     return summary
 
@@ -72,13 +100,18 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for summary.csv, runs.csv and histories.csv")
     args = parser.parse_args(argv)
     try:
-        runs, history = load_runs([Path(p) for p in args.runs])
+        runs, history, alignment = load_runs([Path(p) for p in args.runs])
     except FileNotFoundError as error:
         sys.exit(f"summarize: {error}")
     out = Path(args.out)
+    summary = summarize(runs)
+    reference = references()
     write_csv(out / "runs.csv", runs)
-    write_csv(out / "summary.csv", summarize(runs))
+    write_csv(out / "summary.csv", summary)
     write_csv(out / "histories.csv", history)
+    write_csv(out / "alignment.csv", alignment)
+    write_csv(out / "references.csv", reference)
+    write_csv(out / "vs_reference.csv", versus_reference(summary, reference))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import alignment
 from . import data as datasets
 from .convert import convert
 from .models import build_model
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=None, help="torch CPU threads (set this to the job's cores)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     add("--max-batches", type=int, default=None, help="smoke mode: stop each epoch after this many")
+    add("--alignment-every", type=int, default=0,
+        help="every N steps (and before the first), log per-layer alignment with backprop on a "
+             "fixed validation batch to alignment.csv; 0 = never")
+    add("--alignment-batch", type=int, default=128, help="images in the alignment probe batch")
     add("--workers", type=int, default=None, help="imagenet DataLoader workers (default: threads)")
     return p
 
@@ -198,6 +203,10 @@ class Loaders:
         n = self.data.splits["train"][1].shape[0] // self.args.batch_size
         return min(n, self.args.max_batches or n)
 
+    def probe_batch(self, size):
+        """A fixed batch (the first validation images) for the alignment measurements."""
+        return next(datasets.batches(self.data, "val", size, self.image_size))
+
 
 def make_loaders(args, device):
     if args.dataset in datasets.TENSOR_DATASETS:
@@ -227,7 +236,12 @@ def run(args) -> dict:
 
     # Everything a resumed run needs besides model and optimizer.
     state = dict(epoch=0, batches=None, sums=None, step=0, history=[], best_val=math.inf,
-                 best_epoch=None, epoch_seconds=0.0)
+                 best_epoch=None, epoch_seconds=0.0, alignment=[])
+    probe = loaders.probe_batch(args.alignment_batch) if args.alignment_every > 0 else None
+
+    def measure_alignment(epoch):
+        frame = alignment.measure(model, *probe)
+        state["alignment"] += frame.assign(epoch=epoch, step=state["step"]).to_dict("records")
     checkpoint_path = out / "checkpoint.pt"
     if checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -247,6 +261,8 @@ def run(args) -> dict:
 
     status, diverged_at = "completed", None
     per_epoch = loaders.train_batches_per_epoch()
+    if probe is not None and state["step"] == 0 and not state["alignment"]:
+        measure_alignment(0)  # at initialization
     with tqdm(total=args.epochs * per_epoch, initial=min(state["step"], args.epochs * per_epoch),
               desc=f"{args.rule} seed {args.seed}", file=sys.stderr, mininterval=5.0,
               unit="batch") as progress:
@@ -277,6 +293,8 @@ def run(args) -> dict:
                 sums["seen"] += labels.shape[0]
                 state["step"] += 1
                 progress.update(1)
+                if probe is not None and state["step"] % args.alignment_every == 0:
+                    measure_alignment(epoch + 1)
                 if state["step"] % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(sums["loss"]):
                     break
                 if stop.signal:
@@ -299,6 +317,8 @@ def run(args) -> dict:
                                          val_error=val_error, test_error=test_error, lr=lr,
                                          seconds=seconds, images_per_s=sums["seen"] / seconds))
             write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
+            if state["alignment"]:
+                write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
             if val_error < state["best_val"]:
                 state["best_val"], state["best_epoch"] = val_error, epoch + 1
                 torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
@@ -308,6 +328,8 @@ def run(args) -> dict:
 
     history = state["history"]
     write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+    if state["alignment"]:
+        write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
     last = history[-1] if history else {}
     best_epoch = state["best_epoch"]
     result = dict(status=status, diverged_at_epoch=diverged_at and diverged_at["epoch"],

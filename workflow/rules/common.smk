@@ -160,6 +160,8 @@ def train_flags(wildcards):
         flags.append("--lr-milestones " + " ".join(map(str, s["lr_milestones"])))
     if s["exclude"]:
         flags.append("--exclude " + " ".join(s["exclude"]))
+    if s.get("alignment_every"):
+        flags.append(f"--alignment-every {s['alignment_every']}")
     if s.get("max_batches"):
         flags.append(f"--max-batches {s['max_batches']}")
     if "crop" in s:

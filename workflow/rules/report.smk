@@ -9,6 +9,10 @@ rule summarize:
         summary=report(RESULTS + "/summary.csv", caption="../report/summary.rst", category="Tables"),
         runs=RESULTS + "/runs.csv",
         histories=RESULTS + "/histories.csv",
+        alignment=RESULTS + "/alignment.csv",
+        references=RESULTS + "/references.csv",
+        vs_reference=report(RESULTS + "/vs_reference.csv", caption="../report/vs_reference.rst",
+                            category="Tables"),
     log:
         "logs/" + EXPERIMENT + "/summarize.log",
     shell:
@@ -23,6 +27,14 @@ rule figures:
                       caption="../report/test_error_curves.rst", category="Figures"),
         final=report(RESULTS + "/figures/final_error.png",
                      caption="../report/final_error.rst", category="Figures"),
+        update_angles=report(RESULTS + "/figures/update_angles.png",
+                             caption="../report/update_angles.rst", category="Figures"),
+        feedback=report(RESULTS + "/figures/feedback_alignment.png",
+                        caption="../report/feedback_alignment.rst", category="Figures"),
+        gradient_norms=report(RESULTS + "/figures/gradient_norms.png",
+                              caption="../report/gradient_norms.rst", category="Figures"),
+        depth=report(RESULTS + "/figures/error_vs_depth.png",
+                     caption="../report/error_vs_depth.rst", category="Figures"),
     log:
         "logs/" + EXPERIMENT + "/figures.log",
     shell:

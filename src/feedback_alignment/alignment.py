@@ -1,0 +1,137 @@
+"""How well a rule's learning signals align with backprop's, per layer, on one batch.
+
+    frame = fa.alignment.measure(model, inputs, targets, loss_fn)
+
+One row per converted layer, in forward order:
+- angle_feedback_weight : degrees between B and W (0: B is W up to scale; 90: unrelated)
+- norm_ratio            : ||B|| / ||W||
+- angle_update          : degrees between the rule's weight gradient and backprop's, same batch
+- angle_signal          : degrees between the error the rule sends into the layer's input and
+                          the true input gradient (NaN for a layer whose input needs no gradient)
+- grad_norm, grad_norm_bp : ||dL/dW|| under the rule and under backprop
+
+The model is left exactly as it was: parameters and their .grad, buffers (BatchNorm running
+statistics, feedback magnitudes, draw counters), train/eval mode and the global random streams.
+Both passes see the same B (the one the latest training step used) and the same dropout masks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .layers import FeedbackLayer
+
+
+def angle_degrees(a: Tensor, b: Tensor) -> float:
+    """The angle between two tensors seen as vectors (NaN if either is zero)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    denominator = a.norm() * b.norm()
+    if denominator == 0:
+        return math.nan
+    return math.degrees(math.acos(float((a @ b / denominator).clamp(-1.0, 1.0))))
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, devices):
+    """Restore parameters' .grad, every buffer and the random streams when the block ends."""
+    grads = {p: p.grad for p in model.parameters()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    training = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for parameter, grad in grads.items():
+            parameter.grad = grad
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        for device, state in cuda_rng.items():
+            torch.cuda.set_rng_state(state, device)
+        for module, mode in training.items():
+            module.training = mode
+
+
+def _pass(model, layers, inputs, targets, loss_fn, exact: bool):
+    """One forward/backward; returns per-layer (weight grad, grad w.r.t. the layer's input)."""
+    input_grads: dict[str, Tensor] = {}
+    handles = []
+
+    def capture(name):
+        def hook(module, args):
+            tensor = args[0]
+            if not tensor.requires_grad:
+                return None
+            # A view of its own: its gradient is what this layer sends back, not the sum over
+            # every consumer of the tensor (a ResNet block's input feeds two convolutions).
+            tensor = tensor.view_as(tensor)
+            tensor.register_hook(lambda grad: input_grads.__setitem__(name, grad.detach().clone()))
+            return (tensor, *args[1:])
+        return hook
+
+    for name, layer in layers:
+        layer._exact_backprop = exact
+        handles.append(layer.register_forward_pre_hook(capture(name)))
+    try:
+        for parameter in model.parameters():
+            parameter.grad = None
+        # The input needs a gradient too, so that the first layer's signal can be compared.
+        loss_fn(model(inputs.detach().requires_grad_(inputs.is_floating_point())), targets).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, layer in layers:
+            layer._exact_backprop = False
+    return {name: (layer.weight.grad.detach().clone(), input_grads.get(name)) for name, layer in layers}
+
+
+def measure(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn=nn.functional.cross_entropy,
+            train_mode: bool = True) -> pd.DataFrame:
+    """Per-layer alignment of the rule with backprop on one batch; see the module docstring."""
+    order: list[str] = []
+    named = {name: m for name, m in model.named_modules() if isinstance(m, FeedbackLayer)}
+    if not named:
+        raise ValueError("measure needs a converted model (fa.convert); this one has no feedback layers")
+    devices = {p.device for p in model.parameters()}
+    with _untouched(model, devices):
+        model.train(train_mode)
+        rng = torch.get_rng_state()
+        cuda_rng = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+        # Forward order, from a hook on the first pass.
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
+                 for name, m in named.items()]
+        for layer in named.values():
+            layer._feedback_frozen = True
+        try:
+            rule = _pass(model, list(named.items()), inputs, targets, loss_fn, exact=False)
+            for hook in hooks:
+                hook.remove()
+            torch.set_rng_state(rng)  # same dropout masks in the backprop pass
+            for device, state in cuda_rng.items():
+                torch.cuda.set_rng_state(state, device)
+            exact = _pass(model, list(named.items()), inputs, targets, loss_fn, exact=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer in named.values():
+                layer._feedback_frozen = False
+    rows = []
+    for name in order + [n for n in named if n not in order]:
+        layer = named[name]
+        feedback, weight = layer.feedback_weight.detach(), layer.weight.detach()
+        (grad, signal), (grad_bp, signal_bp) = rule[name], exact[name]
+        rows.append(dict(
+            layer=name, rule=layer.rule.name,
+            angle_feedback_weight=angle_degrees(feedback, weight),
+            norm_ratio=float(feedback.double().norm() / weight.double().norm()),
+            angle_update=angle_degrees(grad, grad_bp),
+            angle_signal=angle_degrees(signal, signal_bp) if signal is not None and signal_bp is not None
+            else math.nan,
+            grad_norm=float(grad.double().norm()), grad_norm_bp=float(grad_bp.double().norm())))
+    return pd.DataFrame(rows)
