@@ -14,7 +14,7 @@ TINY = dict(
     experiment="tiny",
     datasets={"digits": {}},
     archs={"net": {"arch": "convnet", "depth": 2, "width": 4}},
-    training={"epochs": 2, "batch_size": 32, "lr": 0.05, "max_batches": 3},
+    training={"epochs": 2, "batch_size": 32, "lr": 0.05, "max_batches": 3, "alignment_every": 2},
     variants={"exact": {}, "raw": {"scale": "none"}, "matched": {"scale": "match"}},
     grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["bp"], "variants": ["exact"]},
           {"datasets": ["digits"], "archs": ["net"], "rules": ["usf"], "variants": ["raw", "matched"]}],
@@ -61,8 +61,17 @@ def test_tiny_study_end_to_end(tmp_path):
     assert evaluation["test_error_top1"] in errors
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert any(key.endswith("feedback_direction") for key in checkpoint["model"])
-    for name in ("test_error_curves.png", "final_error.png"):
+    for name in ("test_error_curves.png", "final_error.png", "update_angles.png",
+                 "feedback_alignment.png", "gradient_norms.png", "error_vs_depth.png"):
         assert (results / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    alignment = pd.read_csv(results / "alignment.csv")
+    # Measured before the first step and every 2 steps: steps 0, 2, 4, 6 of 6; 3 layers each.
+    per_run = alignment[(alignment.rule == "usf") & (alignment.variant == "matched") & (alignment.seed == 1)]
+    assert sorted(per_run.step.unique()) == [0, 2, 4, 6] and per_run.layer.nunique() == 3
+    assert (alignment[alignment.rule == "bp"].angle_update.abs() < 1e-3).all()
+    assert set(pd.read_csv(results / "vs_reference.csv").columns) >= {"ours", "reference_error", "source"}
+    snakemake(tmp_path, "--report", "report.html")
+    assert (tmp_path / "report.html").stat().st_size > 10_000
     assert not list(tmp_path.rglob("*.tmp"))
     # Figures regenerate from results without training again.
     (results / "figures" / "final_error.png").unlink()

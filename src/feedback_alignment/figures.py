@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .provenance import save_figure  # noqa: E402
@@ -73,6 +74,14 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+def _spread(mean, low, high):
+    """Whiskers from min to max around the mean; never negative (rounding makes the mean of equal
+    values exceed them by an ulp), zero where undefined."""
+    below = np.nan_to_num(np.clip(np.asarray(mean, dtype=float) - np.asarray(low, dtype=float), 0, None))
+    above = np.nan_to_num(np.clip(np.asarray(high, dtype=float) - np.asarray(mean, dtype=float), 0, None))
+    return [np.atleast_1d(below), np.atleast_1d(above)]
+
+
 def _placeholder(path: Path, message: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 1.6))
     axis.axis("off")
@@ -101,12 +110,13 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path,
                 axis.bar(x, g.test_error_mean, width * 0.9, color=color, alpha=0.75,
                          label=None if variant in labelled else variant)
                 labelled.add(variant)
-                axis.errorbar(x, g.test_error_mean, yerr=[[g.test_error_mean - g.test_error_min],
-                              [g.test_error_max - g.test_error_mean]], color="black", capsize=3)
+                if pd.notna(g.test_error_mean):  # every seed diverged: no bar, only the count
+                    axis.errorbar(x, g.test_error_mean, yerr=_spread(g.test_error_mean, g.test_error_min,
+                                                                     g.test_error_max), color="black", capsize=3)
                 seeds = runs[(runs.dataset == dataset) & (runs.arch == arch) & (runs.rule == rule)
                              & (runs.variant == variant)]
                 axis.scatter([x] * len(seeds), seeds.test_error_top1, s=9, color="black", zorder=3)
-                label = f"{g.test_error_mean:.1f}"
+                label = f"{g.test_error_mean:.1f}" if pd.notna(g.test_error_mean) else "-"
                 if g.n_diverged:
                     label += f"\n{g.n_diverged}/{g.n_seeds} diverged"
                 top = g.test_error_max if pd.notna(g.test_error_max) else 0.0
@@ -221,18 +231,21 @@ def gradient_norms(alignment: pd.DataFrame, path: Path) -> None:
 def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
     deep = summary[summary.depth.notna()]
     variants = [v for v in deep.variant.drop_duplicates() if (deep.loc[deep.variant == v, "rule"] != "bp").any()]
-    figure, axes = plt.subplots(1, len(variants), squeeze=False, sharey=True,
-                                figsize=(4.2 * len(variants), 3.6))
+    columns = min(3, len(variants))
+    rows = -(-len(variants) // columns)
+    figure, axes = plt.subplots(rows, columns, squeeze=False, sharey=True,
+                                figsize=(4.4 * columns, 3.6 * rows))
+    for extra in range(len(variants), rows * columns):
+        axes[extra // columns][extra % columns].axis("off")
     backprop = deep[deep.rule == "bp"]
-    for col, variant in enumerate(variants):
-        axis = axes[0][col]
+    for index, variant in enumerate(variants):
+        axis = axes[index // columns][index % columns]
         shown = pd.concat([backprop, deep[(deep.variant == variant) & (deep.rule != "bp")]])
         for rule in _rule_order(shown.rule):
             here = shown[shown.rule == rule].groupby("depth")[["test_error_mean", "test_error_min",
                                                              "test_error_max", "n_diverged"]].mean()
             axis.errorbar(here.index, here.test_error_mean,
-                          yerr=[here.test_error_mean - here.test_error_min,
-                                here.test_error_max - here.test_error_mean],
+                          yerr=_spread(here.test_error_mean, here.test_error_min, here.test_error_max),
                           color=RULE_COLORS.get(rule), marker="o", capsize=3, label=rule,
                           linestyle="--" if rule == "bp" else "-")
             for depth, diverged in here.n_diverged.items():
@@ -240,11 +253,14 @@ def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
                     axis.annotate(f"{diverged:.0f} div.", (depth, here.test_error_max[depth]), fontsize=6,
                                   color=RULE_COLORS.get(rule), xytext=(2, 2), textcoords="offset points")
         axis.set_xscale("log", base=2)
+        depths = sorted(deep.depth.unique())
+        axis.set_xticks(depths, [f"{d:.0f}" for d in depths])
         axis.set_yscale("log")
         axis.set_xlabel("depth (conv layers)")
         axis.set_title(f"variant: {variant}", fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("final test error (%, log)")
+    for row in axes:
+        row[0].set_ylabel("final test error (%, log)")
     axes[0][-1].legend(fontsize=8)
     figure.suptitle("Final test error against depth (mean over seeds, whiskers: min-max)", fontsize=11)
     figure.tight_layout()
@@ -257,6 +273,22 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+
+
+MAX_ALIGNMENT_GROUPS = 6
+
+
+def _focus(alignment: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per-layer figures of many architectures x variants become unreadably tall; beyond
+    MAX_ALIGNMENT_GROUPS panels rows, keep each dataset's deepest architecture (most layers),
+    where the obstacles are largest, and say so in the title."""
+    groups = alignment[["dataset", "arch", "variant"]].drop_duplicates()
+    if len(groups) <= MAX_ALIGNMENT_GROUPS:
+        return alignment, ""
+    layers = alignment.groupby(["dataset", "arch"])["layer"].nunique().reset_index()
+    deepest = layers.loc[layers.groupby("dataset")["layer"].idxmax(), ["dataset", "arch"]]
+    kept = alignment.merge(deepest, on=["dataset", "arch"])
+    return kept, " (deepest architecture: " + ", ".join(f"{d}/{a}" for d, a in deepest.values) + ")"
 
 
 def main(argv=None):
@@ -283,12 +315,13 @@ def main(argv=None):
         for name in ("update_angles.png", "feedback_alignment.png", "gradient_norms.png"):
             _placeholder(out / name, note)
     else:
+        alignment, focus = _focus(alignment)
         per_layer_over_training(alignment, out / "update_angles.png",
                                 [("angle_update", "update vs bp (deg)")],
-                                "Angle between the rule's weight update and backprop's, per layer")
+                                "Angle between the rule's weight update and backprop's, per layer" + focus)
         per_layer_over_training(alignment, out / "feedback_alignment.png",
                                 [("angle_feedback_weight", "angle(B, W) (deg)"), ("norm_ratio", "||B|| / ||W||")],
-                                "Feedback weights against forward weights, per layer")
+                                "Feedback weights against forward weights, per layer" + focus)
         gradient_norms(alignment, out / "gradient_norms.png")
     if summary.get("depth") is None or summary.depth.nunique() < 2:
         _placeholder(out / "error_vs_depth.png", "This experiment has fewer than two convnet depths")
