@@ -123,3 +123,30 @@ def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
     assert summary.loc["usf", "n_diverged"] == 1 and summary.loc["bp", "n_diverged"] == 0
     figures.main(["--results", str(tmp_path), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "final_error.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/no/such/digits.pt"], "train: prepared dataset '/no/such/digits.pt' not found"),
+    (["--arch", "nonet"], "train: unknown arch 'nonet'"),
+    (["--exclude", "clasifier"], "train: exclude names 'clasifier'"),
+    (["--crop", "40"], "train: --crop 40 is larger than the padded digits images"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(digits, tmp_path, extra, message):
+    out = tmp_path / "run"
+    command = train_command(digits, out) + extra  # later flags win
+    process = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines()[-1].startswith(message), process.stderr[-500:]
+    assert "Traceback" not in process.stderr
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written left behind
+
+
+def test_evaluate_and_summarize_user_errors(tmp_path):
+    for command, message in (
+            (["evaluate", "--run", str(tmp_path / "none")], "evaluate: "),
+            (["summarize", "--runs", str(tmp_path), "--out", str(tmp_path)], "summarize: no evaluation.json"),
+            (["figures", "--results", str(tmp_path), "--out", str(tmp_path)], "figures: ")):
+        process = subprocess.run([sys.executable, "-m", "feedback_alignment", *command],
+                                 capture_output=True, text=True, timeout=120)
+        assert process.returncode == 1 and process.stderr.startswith(message), process.stderr[-500:]
+        assert "Traceback" not in process.stderr
