@@ -150,3 +150,16 @@ def test_evaluate_and_summarize_user_errors(tmp_path):
                                  capture_output=True, text=True, timeout=120)
         assert process.returncode == 1 and process.stderr.startswith(message), process.stderr[-500:]
         assert "Traceback" not in process.stderr
+
+
+def test_checkpoint_of_another_code_version_is_refused(tmp_path):
+    from feedback_alignment import train
+    from feedback_alignment.provenance import git_sha
+
+    config = {"rule": "fa", "lr": 0.1, "out": "here"}
+    current = dict(config=train.semantic_config(config), git_sha=git_sha())
+    train.check_checkpoint(current, {**config, "out": "elsewhere", "threads": 4}, tmp_path / "c.pt")  # placement only
+    if git_sha() == "unknown":
+        pytest.skip("not running from a git checkout")
+    with pytest.raises(train.CheckpointMismatch, match="written by code version 0123abc"):
+        train.check_checkpoint({**current, "git_sha": "0123abc"}, config, tmp_path / "c.pt")
