@@ -110,8 +110,6 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn=nn.functi
             layer._feedback_frozen = True
         try:
             rule = _pass(model, list(named.items()), inputs, targets, loss_fn, exact=False)
-            for hook in hooks:
-                hook.remove()
             torch.set_rng_state(rng)  # same dropout masks in the backprop pass
             for device, state in cuda_rng.items():
                 torch.cuda.set_rng_state(state, device)

@@ -228,6 +228,11 @@ def _normalize(data: TensorData, images: Tensor) -> Tensor:
     return (images.float().div_(255) - data.mean) / data.std
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order and augmentation: a resumed epoch replays it."""
+    return seed * 100003 + epoch
+
+
 class EpochBatches:
     """One epoch of shuffled, augmented training batches that can stop and resume exactly: its
     state is the epoch's permutation, the generator state and the index of the next batch."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .provenance import provenance, write_json
-from .train import build_run_model, evaluate, make_loaders, resolve_device
+from .train import build_run_model, evaluate, make_loaders, reported_topk, resolve_device
 
 
 def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None = None,
@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None =
         model = build_run_model(config, result["num_classes"], result["in_channels"],
                                 result["image_size"]).to(device)
         model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
-        topk = (1, 5) if result["num_classes"] > 10 else (1,)
+        topk = reported_topk(result["num_classes"])
         errors, loss = evaluate(model, loaders.eval("test"), topk)
         evaluation.update(test_error_top1=errors[0], test_loss=loss)
         if len(errors) > 1:

@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from .data import epoch_seed
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -69,7 +71,7 @@ class _ImageNetEpoch:
 
     def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
         self.loaders = loaders
-        generator = torch.Generator().manual_seed(loaders.args.seed * 100003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(loaders.args.seed, epoch))
         self.order = torch.randperm(len(loaders.train_set), generator=generator)
         self.next = int(state["next"]) if state else 0
 

@@ -106,6 +106,11 @@ def build_run_model(config: dict, num_classes: int, in_channels: int, image_size
                    exclude=tuple(config["exclude"]), constrain_weight_norm=config["constrain_weight_norm"])
 
 
+def reported_topk(num_classes: int) -> tuple[int, ...]:
+    """Top-1 always; top-5 too where there are more than 10 classes (ImageNet), as the peers report."""
+    return (1, 5) if num_classes > 10 else (1,)
+
+
 def accuracy_counts(logits, labels, topk=(1,)):
     """Number of correct predictions within the top k, for each k."""
     top = logits.topk(max(topk), dim=1).indices
@@ -191,7 +196,7 @@ class Loaders:
             raise datasets.DataError(f"--crop {args.crop} is larger than the padded {args.dataset} images")
 
     def train(self, epoch, state=None):
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed * 100003 + epoch)
+        generator = torch.Generator(device=self.device).manual_seed(datasets.epoch_seed(self.args.seed, epoch))
         return datasets.EpochBatches(self.data, self.args.batch_size, generator, self.image_size,
                                      self.args.pad, self.args.flip, self.args.max_batches, state)
 
@@ -231,7 +236,7 @@ def run(args) -> dict:
     loaders = make_loaders(args, device)
     model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size).to(device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
-    topk = (1, 5) if loaders.num_classes > 10 else (1,)
+    topk = reported_topk(loaders.num_classes)
     stop = StopRequest()
 
     # Everything a resumed run needs besides model and optimizer.
@@ -258,6 +263,11 @@ def run(args) -> dict:
         torch_save(checkpoint_path, dict(config=semantic_config(config), git_sha=git_sha(),
                                          model=model.state_dict(), optimizer=optimizer.state_dict(),
                                          rng=rng_states(device), state=state))
+
+    def write_tables():
+        write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
+        if state["alignment"]:
+            write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
 
     status, diverged_at = "completed", None
     per_epoch = loaders.train_batches_per_epoch()
@@ -316,9 +326,7 @@ def run(args) -> dict:
             state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
                                          val_error=val_error, test_error=test_error, lr=lr,
                                          seconds=seconds, images_per_s=sums["seen"] / seconds))
-            write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
-            if state["alignment"]:
-                write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
+            write_tables()
             if val_error < state["best_val"]:
                 state["best_val"], state["best_epoch"] = val_error, epoch + 1
                 torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
@@ -326,10 +334,8 @@ def run(args) -> dict:
             save_checkpoint()
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_error:.2f}%")
 
+    write_tables()  # again: a diverged or empty run still gets its (possibly empty) history
     history = state["history"]
-    write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
-    if state["alignment"]:
-        write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
     last = history[-1] if history else {}
     best_epoch = state["best_epoch"]
     result = dict(status=status, diverged_at_epoch=diverged_at and diverged_at["epoch"],

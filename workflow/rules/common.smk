@@ -65,9 +65,6 @@ def _check_names(config):
         if scale not in feedback_alignment.SCALES:
             _config_error(f"variants.{name}.scale", f"unknown scale {scale!r}; choose from "
                           f"{', '.join(feedback_alignment.SCALES)}")
-    for name in ("digits", "cifar10", "imagenet"):
-        if name in config["datasets"] and "/" in name:
-            _config_error("datasets", f"bad name {name!r}")
     if "imagenet" in config["datasets"]:
         path = config["datasets"]["imagenet"]["path"]
         if not os.path.isdir(path):
