@@ -49,3 +49,55 @@ def test_torch_compile_gives_the_eager_gradients(rule):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, a), (_, b) in zip(fa.feedback_layers(eager), fa.feedback_layers(compiled_model)):
         torch.testing.assert_close(b.feedback_weight, a.feedback_weight, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("rule", fa.RULES)
+def test_channels_last_gives_the_contiguous_gradients(rule):
+    contiguous = _model(rule)
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    images, labels = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 2, 0])
+    F.cross_entropy(contiguous(images), labels).backward()
+    F.cross_entropy(channels_last(images.contiguous(memory_format=torch.channels_last)), labels).backward()
+    for (name, a), b in zip(contiguous.named_parameters(), channels_last.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_cli_under_bf16_channels_last_and_compile(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from feedback_alignment import data
+    data.prepare_digits(tmp_path / "digits.pt")
+    out = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
+         "--data", str(tmp_path / "digits.pt"), "--out", str(out), "--arch", "convnet", "--depth", "2",
+         "--width", "8", "--rule", "frsf", "--scale", "match", "--epochs", "2", "--batch-size", "64",
+         "--max-batches", "4", "--device", "cpu", "--threads", "1", "--precision", "bf16",
+         "--channels-last", "--compile"], capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["placement"] == dict(world_size=1, precision="bf16", channels_last=True, compile=True)
+    assert result["status"] == "completed" and result["final_train_loss"] < 2.3  # ln(10): it learned
+
+
+@pytest.mark.parametrize("fill", ["uniform_", "fast_uniform_"])
+def test_feedback_draws_do_not_depend_on_the_memory_layout(fill):
+    from feedback_alignment import draws
+    contiguous = torch.empty(64, 8, 3, 3)
+    channels_last = torch.empty(64, 8, 3, 3).to(memory_format=torch.channels_last)
+    for tensor in (contiguous, channels_last):
+        getattr(draws, fill)(tensor, -0.5, 0.5, seed=3, layer_name="conv", draw=2)
+    assert not channels_last.is_contiguous()
+    assert torch.equal(channels_last, contiguous)
+
+
+def test_brsf_redraws_in_a_channels_last_model_equal_the_contiguous_ones():
+    contiguous = _model("brsf")
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    images = torch.randn(4, 2, 5, 5)
+    contiguous(images), channels_last(images.contiguous(memory_format=torch.channels_last))
+    for (name, a), (_, b) in zip(fa.feedback_layers(contiguous), fa.feedback_layers(channels_last)):
+        assert torch.equal(b.feedback_direction, a.feedback_direction), name  # the same draw
+        # The matched gain is a norm, summed in another order in the other layout.
+        torch.testing.assert_close(b.feedback_weight, a.feedback_weight, rtol=1e-6, atol=0, msg=name)

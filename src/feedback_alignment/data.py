@@ -214,12 +214,13 @@ def center_crop(images: Tensor, crop: int) -> Tensor:
 
 
 def batches(data: TensorData, split: str, batch_size: int, crop: int | None = None,
-            max_batches: int | None = None):
-    """Evaluation batches: in order, center-cropped, normalized."""
+            max_batches: int | None = None, rank: int = 0, world_size: int = 1):
+    """Evaluation batches: in order, center-cropped, normalized. Under data parallelism each
+    rank takes every world_size-th batch, so that the ranks together see each image once."""
     images, labels = data.splits[split]
     crop = crop or data.image_size
     count = -(-labels.shape[0] // batch_size)
-    for index in range(count if max_batches is None else min(count, max_batches)):
+    for index in range(rank, count if max_batches is None else min(count, max_batches), world_size):
         select = slice(index * batch_size, (index + 1) * batch_size)
         yield _normalize(data, center_crop(images[select], crop)), labels[select]
 
@@ -235,11 +236,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 class EpochBatches:
     """One epoch of shuffled, augmented training batches that can stop and resume exactly: its
-    state is the epoch's permutation, the generator state and the index of the next batch."""
+    state is the epoch's permutation, the generator state and the index of the next batch.
+    Under data parallelism every rank draws the whole global batch (order and augmentation) and
+    keeps its `share` of the rows: together the ranks train on exactly the single-process batch."""
 
     def __init__(self, data: TensorData, batch_size: int, generator: torch.Generator, crop: int,
-                 pad: int, flip: bool, max_batches: int | None = None, state: dict | None = None):
-        self.data, self.batch_size, self.generator = data, batch_size, generator
+                 pad: int, flip: bool, max_batches: int | None = None, state: dict | None = None,
+                 share: slice = slice(None)):
+        self.data, self.batch_size, self.generator, self.share = data, batch_size, generator, share
         self.crop, self.pad, self.flip = crop, pad, flip
         n = data.splits["train"][1].shape[0]
         self.count = n // batch_size  # drop the ragged last batch, as the peers' loaders do
@@ -262,7 +266,7 @@ class EpochBatches:
             index = self.order[self.next * self.batch_size:(self.next + 1) * self.batch_size].to(images.device)
             batch = augment(images[index], self.generator, self.crop, self.pad, self.flip)
             self.next += 1
-            yield _normalize(self.data, batch), labels[index]
+            yield _normalize(self.data, batch[self.share]), labels[index][self.share]
 
     def state_dict(self) -> dict:
         return dict(order=self.order.cpu(), generator=self.generator.get_state(), next=self.next)

@@ -50,8 +50,18 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
+def _in_logical_order(fill_, tensor: Tensor, *args) -> Tensor | None:
+    """Draws follow the logical (row-major) order of entries, so that a channels_last buffer gets
+    the same values as a contiguous one: fill a contiguous copy and copy it over."""
+    if tensor.is_contiguous():
+        return None
+    return tensor.copy_(fill_(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device), *args))
+
+
 def uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
     """Fill `tensor` with U(low, high) at full float precision."""
+    if (done := _in_logical_order(uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
+        return done
     def fill(indexed):
         index, chunk = indexed
         chunk.uniform_(low, high, generator=_generator(chunk.device, stream_seed(seed, layer_name, draw, index)))
@@ -71,9 +81,22 @@ def workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buffer[:numel].view(shape)
 
 
+def workspace_like(tensor: Tensor) -> Tensor:
+    """A scratch tensor with `tensor`'s shape and memory layout (channels_last included), so that
+    element-wise work between the two runs in one dense pass. Under torch.compile a plain new
+    tensor: the compiler plans its own memory (and cannot trace writes through as_strided)."""
+    if torch.compiler.is_compiling():
+        return torch.empty_like(tensor)
+    scratch = workspace((tensor.numel(),), tensor.dtype, tensor.device)
+    dense = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    return scratch.as_strided(tensor.shape, tensor.stride()) if dense else scratch.view(tensor.shape)
+
+
 def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
     """Fill `tensor` with U(low, high) at 2^15 levels: low + (k + 1/2) (high - low) / 2^15, k uniform
     on {0, ..., 2^15 - 1}, four values per 63-bit generator call (the low 15 bits of each 16)."""
+    if (done := _in_logical_order(fast_uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
+        return done
     numel = tensor.numel()
     words = workspace(((numel + 3) // 4,), torch.int64, tensor.device)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .provenance import provenance, write_json
-from .train import build_run_model, evaluate, make_loaders, reported_topk, resolve_device
+from .train import (build_run_model, evaluate, make_loaders, reported_topk, resolve_device,
+                    resolve_precision)
 
 
 def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None = None,
@@ -43,7 +44,8 @@ def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None =
                                 result["image_size"]).to(device)
         model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
         topk = reported_topk(result["num_classes"])
-        errors, loss = evaluate(model, loaders.eval("test"), topk)
+        precision = resolve_precision(config.get("precision", "fp32"), device)
+        errors, loss = evaluate(model, loaders.eval("test"), topk, device=device, precision=precision)
         evaluation.update(test_error_top1=errors[0], test_loss=loss)
         if len(errors) > 1:
             evaluation["test_error_top5"] = errors[1]

@@ -11,18 +11,19 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from .data import epoch_seed
+from .distributed import World
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageNetLoaders:
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, device: torch.device, world: World = World()):
         manifest = json.loads(Path(args.data).read_text())
-        self.args, self.device = args, device
+        self.args, self.device, self.world = args, device, world
         self.num_classes = int(manifest["num_classes"])
         self.in_channels = 3
         self.image_size = args.crop or 224
@@ -46,7 +47,9 @@ class ImageNetLoaders:
         return _ImageNetEpoch(self, epoch, state)
 
     def eval(self, split):
-        loader = DataLoader(self.val_set, batch_size=self.args.batch_size, num_workers=self.workers,
+        # Under data parallelism each rank takes every world_size-th image.
+        images = Subset(self.val_set, range(self.world.rank, len(self.val_set), self.world.size))
+        loader = DataLoader(images, batch_size=self.args.batch_size, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda")
         for index, (images, labels) in enumerate(loader):
             if self.args.max_batches is not None and index >= self.args.max_batches:
@@ -67,7 +70,8 @@ class ImageNetLoaders:
 class _ImageNetEpoch:
     """One training epoch in a fixed shuffled order (seeded by seed and epoch), resumable at a
     batch: its state is the index of the next batch. (Augmentation in the workers is random and
-    not replayed; ImageNet resumes continue the same image order, not bit-identical batches.)"""
+    not replayed; ImageNet resumes continue the same image order, not bit-identical batches.)
+    Under data parallelism each rank loads only its share of every global batch."""
 
     def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
         self.loaders = loaders
@@ -78,8 +82,11 @@ class _ImageNetEpoch:
     def __iter__(self):
         loaders, batch_size = self.loaders, self.loaders.args.batch_size
         count = loaders.train_batches_per_epoch()
-        remaining = self.order[self.next * batch_size:count * batch_size].tolist()
-        loader = DataLoader(loaders.train_set, batch_size=batch_size, sampler=remaining, drop_last=True,
+        share = loaders.world.share(batch_size)
+        remaining = self.order[self.next * batch_size:count * batch_size].view(-1, batch_size)
+        remaining = remaining[:, share].flatten().tolist()
+        loader = DataLoader(loaders.train_set, batch_size=share.stop - share.start, sampler=remaining,
+                            drop_last=True,
                             num_workers=loaders.workers, pin_memory=loaders.device.type == "cuda")
         for images, labels in loader:
             self.next += 1

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .draws import workspace
+from .draws import workspace_like
 
 # How a rule uses randomness:
 #   "none"        - B is a function of W alone (bp, usf)
@@ -53,11 +53,11 @@ def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound
     # one step), then give each entry W's sign. sign() rather than copysign() keeps B exactly 0
     # where W is 0.
     draw_uniform(feedback, 0.0, bound)
-    feedback.mul_(torch.sign(weight, out=workspace(weight.shape, weight.dtype, weight.device)))
+    feedback.mul_(torch.sign(weight, out=workspace_like(weight)))
 
 
 def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    torch.mul(torch.sign(weight, out=workspace(weight.shape, weight.dtype, weight.device)),
+    torch.mul(torch.sign(weight, out=workspace_like(weight)),
               magnitude, out=feedback)
 
 

@@ -12,10 +12,15 @@ before preemption). Rerunning the same command resumes from it, mid-epoch includ
 optimizer, feedback buffers, RNG states and data order, so that on a CPU the resumed run ends with
 exactly the metrics of an uninterrupted one. A checkpoint from another config or code version is
 refused.
+
+On a GPU, --precision auto trains under bf16 autocast and --channels-last auto uses the
+channels_last layout; --compile compiles the converted model. Under torchrun the run is data
+parallel (see distributed.py): the same results as one process with the same --batch-size.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -30,12 +35,14 @@ from tqdm import tqdm
 from . import alignment
 from . import data as datasets
 from .convert import convert
+from .distributed import World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .models import build_model
 from .optim import BatchManhattan
 from .provenance import git_sha, provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES
 
 OPTIMIZERS = ("sgd", "batch_manhattan", "adam")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="initial weights, feedback draws and data order")
     add("--threads", type=int, default=None, help="torch CPU threads (set this to the job's cores)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    add("--precision", default="auto", choices=PRECISIONS,
+        help="bf16 = autocast to bfloat16; auto = bf16 on CUDA, fp32 on CPU")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels_last memory layout (default: on CUDA only)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile the converted model")
+    add("--runs-per-gpu", type=int, default=1,
+        help="on a machine with GPUs, how many runs may share one: --device auto/cuda takes a free "
+             "GPU slot, waiting while all are taken")
     add("--max-batches", type=int, default=None, help="smoke mode: stop each epoch after this many")
     add("--alignment-every", type=int, default=0,
         help="every N steps (and before the first), log per-layer alignment with backprop on a "
@@ -87,6 +103,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_optimizer(name, parameters, lr, momentum, weight_decay):
@@ -119,15 +147,18 @@ def accuracy_counts(logits, labels, topk=(1,)):
 
 
 @torch.no_grad()
-def evaluate(model, loader, topk=(1,)):
-    """Top-k error (%) and mean loss of `model` over `loader`."""
+def evaluate(model, loader, topk=(1,), world: World = World(), device=None, precision="fp32"):
+    """Top-k error (%) and mean loss of `model` over `loader` (this rank's share of it; the
+    counts are summed over ranks)."""
     model.eval()
     correct, total, loss_sum = [0] * len(topk), 0, 0.0
     for images, labels in loader:
-        logits = model(images)
+        with autocast(precision, images.device):
+            logits = model(images)
         loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
         correct = [c + n for c, n in zip(correct, accuracy_counts(logits, labels, topk))]
         total += labels.shape[0]
+    *correct, total, loss_sum = world.sum([*correct, total, loss_sum], device)
     return [100.0 * (1 - c / total) for c in correct], loss_sum / total
 
 
@@ -147,8 +178,9 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-# Flags that change where or how fast a run goes, not what it computes.
-PLACEMENT_KEYS = ("out", "data", "threads", "device", "workers")
+# Flags that change where or how fast a run goes, not what it computes (beyond float rounding).
+PLACEMENT_KEYS = ("out", "data", "threads", "device", "workers", "channels_last", "compile",
+                  "runs_per_gpu")
 
 
 def semantic_config(config: dict) -> dict:
@@ -186,9 +218,9 @@ def set_rng_states(states: dict, device) -> None:
 class Loaders:
     """Training and evaluation batches for tensor datasets (digits, cifar10) on the device."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, world: World = World()):
         self.data = datasets.load_tensor_data(args.data, device)
-        self.args, self.device = args, device
+        self.args, self.device, self.world = args, device, world
         self.num_classes = self.data.num_classes
         self.in_channels = self.data.in_channels
         self.image_size = args.crop or self.data.image_size
@@ -198,11 +230,12 @@ class Loaders:
     def train(self, epoch, state=None):
         generator = torch.Generator(device=self.device).manual_seed(datasets.epoch_seed(self.args.seed, epoch))
         return datasets.EpochBatches(self.data, self.args.batch_size, generator, self.image_size,
-                                     self.args.pad, self.args.flip, self.args.max_batches, state)
+                                     self.args.pad, self.args.flip, self.args.max_batches, state,
+                                     share=self.world.share(self.args.batch_size))
 
     def eval(self, split):
         return datasets.batches(self.data, split, self.args.batch_size * 2, self.image_size,
-                                self.args.max_batches)
+                                self.args.max_batches, rank=self.world.rank, world_size=self.world.size)
 
     def train_batches_per_epoch(self):
         n = self.data.splits["train"][1].shape[0] // self.args.batch_size
@@ -213,29 +246,68 @@ class Loaders:
         return next(datasets.batches(self.data, "val", size, self.image_size))
 
 
-def make_loaders(args, device):
+def make_loaders(args, device, world: World = World()):
     if args.dataset in datasets.TENSOR_DATASETS:
-        return Loaders(args, device)
+        return Loaders(args, device, world)
     from .imagenet import ImageNetLoaders
-    return ImageNetLoaders(args, device)
+    return ImageNetLoaders(args, device, world)
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr",
-                   "seconds", "images_per_s"]
+                   "images", "seconds", "images_per_s"]
 DIVERGENCE_CHECK_EVERY = 20  # steps; a check synchronizes a GPU, so not every step
 
 
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    world, device_name = init_world(args.device, args.batch_size)
+    try:
+        return _run(args, world, device_name)
+    finally:
+        close_world(world)
+
+
+def claim_device(device_name: str, runs_per_gpu: int, world: World):
+    """The device of a single-process run. Given auto or a bare cuda on a machine with GPUs, take a
+    free GPU slot, so that concurrent jobs spread over the GPUs (runs_per_gpu of them per GPU)."""
+    device = resolve_device(device_name)
+    if device.type != "cuda" or device.index is not None or world.distributed:
+        return device, None
+    index, lock = claim_gpu_slot(cuda_device_ids(), runs_per_gpu)
+    return torch.device("cuda", index), lock
+
+
+def _run(args, world: World, device_name: str) -> dict:
+    if args.runs_per_gpu < 1:
+        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu} must be at least 1")
+    device, gpu_lock = claim_device(device_name, args.runs_per_gpu, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = resolve_precision(args.precision, device)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "command"}
     config["arch_label"] = args.arch_label or args.arch
-    loaders = make_loaders(args, device)
-    model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size).to(device)
+    loaders = make_loaders(args, device, world)
+    model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size)
+    model = model.to(device, memory_format=memory_format)
+    if world.distributed and device.type == "cuda":
+        # Batch statistics over the global batch, as in the single-process run. (gloo on CPU has
+        # no SyncBatchNorm: there each rank normalizes over its share.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
+    # `model` holds the state (saved, evaluated, measured); `forward` is what the training step calls.
+    compiled = torch.compile(model) if args.compile else model
+    forward = compiled
+    if world.distributed:
+        # Buffers are not broadcast: feedback buffers are equal on every rank by construction,
+        # and broadcasting 11M-value B tensors every step would cost more than the step.
+        forward = torch.nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
     topk = reported_topk(loaders.num_classes)
     stop = StopRequest()
 
@@ -245,6 +317,7 @@ def run(args) -> dict:
     probe = loaders.probe_batch(args.alignment_batch) if args.alignment_every > 0 else None
 
     def measure_alignment(epoch):
+        # Every rank measures (the same batch, the same weights): SyncBatchNorm needs them all.
         frame = alignment.measure(model, *probe)
         state["alignment"] += frame.assign(epoch=epoch, step=state["step"]).to_dict("records")
     checkpoint_path = out / "checkpoint.pt"
@@ -255,19 +328,27 @@ def run(args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"], device)
         state = checkpoint["state"]
-        print(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, "
-              f"batch {state['batches']['next'] if state['batches'] else 0}", file=sys.stderr)
+        if world.is_main:
+            print(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, "
+                  f"batch {state['batches']['next'] if state['batches'] else 0}", file=sys.stderr)
 
     def save_checkpoint(epoch_batches=None):
         state["batches"] = epoch_batches.state_dict() if epoch_batches is not None else None
-        torch_save(checkpoint_path, dict(config=semantic_config(config), git_sha=git_sha(),
-                                         model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                         rng=rng_states(device), state=state))
+        if world.is_main:
+            torch_save(checkpoint_path, dict(config=semantic_config(config), git_sha=git_sha(),
+                                             model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                             rng=rng_states(device), state=state))
 
     def write_tables():
+        if not world.is_main:
+            return
         write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
         if state["alignment"]:
             write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
+
+    def should_stop(sums) -> tuple[bool, bool]:
+        """(a stop signal arrived, the loss went non-finite), agreed by every rank."""
+        return tuple(world.any([stop.signal is not None, not torch.isfinite(sums["loss"])], device))
 
     status, diverged_at = "completed", None
     per_epoch = loaders.train_batches_per_epoch()
@@ -275,7 +356,7 @@ def run(args) -> dict:
         measure_alignment(0)  # at initialization
     with tqdm(total=args.epochs * per_epoch, initial=min(state["step"], args.epochs * per_epoch),
               desc=f"{args.rule} seed {args.seed}", file=sys.stderr, mininterval=5.0,
-              unit="batch") as progress:
+              unit="batch", disable=not world.is_main) as progress:
         while state["epoch"] < args.epochs and status == "completed":
             epoch = state["epoch"]
             lr = lr_at(epoch, args.lr, args.lr_milestones, args.lr_gamma)
@@ -289,12 +370,15 @@ def run(args) -> dict:
             model.train()
             start = time.perf_counter()
             for images, labels in epoch_batches:
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                with autocast(precision, device):
+                    logits = forward(images)
+                    loss = F.cross_entropy(logits, labels)
                 loss.backward()
                 optimizer.step()
-                sums["loss"] += loss.detach() * labels.shape[0]
+                sums["loss"] += loss.detach().float() * labels.shape[0]
                 # Where the loss first went non-finite, recorded on the device without a sync.
                 sums["first_bad_step"] = torch.where(
                     (sums["first_bad_step"] < 0) & ~torch.isfinite(loss.detach()),
@@ -305,31 +389,41 @@ def run(args) -> dict:
                 progress.update(1)
                 if probe is not None and state["step"] % args.alignment_every == 0:
                     measure_alignment(epoch + 1)
-                if state["step"] % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(sums["loss"]):
+                # One process checks every step (no communication); ranks agree every few steps.
+                if world.distributed and state["step"] % DIVERGENCE_CHECK_EVERY:
+                    continue
+                signalled, non_finite = (should_stop(sums) if world.distributed else (
+                    stop.signal is not None,
+                    state["step"] % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(sums["loss"])))
+                if non_finite:
                     break
-                if stop.signal:
+                if signalled:
                     state["sums"] = sums
                     state["epoch_seconds"] += time.perf_counter() - start
                     save_checkpoint(epoch_batches)
-                    raise SystemExit(f"train: {stop.signal} at epoch {epoch + 1}, step {state['step']}: "
-                                     f"checkpoint saved to {checkpoint_path}; rerun to resume")
+                    world.barrier()  # nobody leaves before rank 0 has written the checkpoint
+                    raise SystemExit(f"train: {stop.signal or 'stop'} at epoch {epoch + 1}, step "
+                                     f"{state['step']}: checkpoint saved to {checkpoint_path}; rerun to resume")
             seconds = state["epoch_seconds"] + time.perf_counter() - start
-            seen = max(sums["seen"], 1)
-            train_loss, train_error = float(sums["loss"]) / seen, 100.0 * int(sums["wrong"]) / seen
+            loss_sum, wrong, seen = world.sum([float(sums["loss"]), int(sums["wrong"]), sums["seen"]], device)
+            seen = max(seen, 1)
+            train_loss, train_error = loss_sum / seen, 100.0 * wrong / seen
             if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
                 bad_step = int(sums["first_bad_step"])
                 status, diverged_at = "diverged", dict(epoch=epoch + 1,
                                                        step=bad_step if bad_step > 0 else state["step"])
                 break
-            (val_error, *_), _ = evaluate(model, loaders.eval("val"), topk)
-            (test_error, *_), _ = evaluate(model, loaders.eval("test"), topk)
+            evaluation_model = compiled
+            (val_error, *_), _ = evaluate(evaluation_model, loaders.eval("val"), topk, world, device, precision)
+            (test_error, *_), _ = evaluate(evaluation_model, loaders.eval("test"), topk, world, device, precision)
             state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
                                          val_error=val_error, test_error=test_error, lr=lr,
-                                         seconds=seconds, images_per_s=sums["seen"] / seconds))
+                                         images=int(seen), seconds=seconds, images_per_s=seen / seconds))
             write_tables()
             if val_error < state["best_val"]:
                 state["best_val"], state["best_epoch"] = val_error, epoch + 1
-                torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
+                if world.is_main:
+                    torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
             state.update(epoch=epoch + 1, sums=None, epoch_seconds=0.0)
             save_checkpoint()
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_error:.2f}%")
@@ -344,8 +438,14 @@ def run(args) -> dict:
                   final_train_loss=last.get("train_loss"), final_val_error=last.get("val_error"),
                   final_test_error=last.get("test_error"), num_classes=loaders.num_classes,
                   in_channels=loaders.in_channels, image_size=loaders.image_size,
-                  config=config, provenance=provenance(device))
-    write_json(out / "result.json", result)
+                  config=config, provenance=provenance(device),
+                  placement=dict(world_size=world.size, precision=precision,
+                                 channels_last=channels_last, compile=args.compile))
+    if world.is_main:
+        write_json(out / "result.json", result)
+    world.barrier()
+    if gpu_lock is not None:
+        gpu_lock.close()
     return result
 
 

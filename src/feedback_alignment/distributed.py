@@ -1,0 +1,114 @@
+"""Data-parallel training under torchrun, and sharing one machine's GPUs between runs.
+
+    torchrun --standalone --nproc-per-node 8 -m feedback_alignment train ...   # one node
+    srun torchrun --nnodes $N --nproc-per-node 8 --rdzv-backend c10d \
+        --rdzv-endpoint $HEAD:29500 -m feedback_alignment train ...            # several nodes
+
+Every rank sees the same global batch order (it is seeded by the run's seed) and takes its
+contiguous share of each batch, so the gradient that DDP averages is the gradient of the global
+batch: a run on N processes equals the single-process run with the same --batch-size. Feedback
+buffers need no communication: B, the random magnitudes and the brsf draw counter are functions
+of the seed, the layer name and the (all-reduced, hence identical) weights. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch."""
+        per_rank = batch_size // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (in float64, so that counts stay exact)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Element-wise OR over ranks: ranks agree on when to stop."""
+        return [total > 0 for total in self.sum([float(f) for f in flags], device)]
+
+
+def init_world(device_name: str, batch_size: int) -> tuple[World, str]:
+    """Join the process group that torchrun describes in the environment, if any; returns the
+    world and the device name this rank should use."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device_name
+    if batch_size % size:
+        raise ValueError(f"--batch-size {batch_size} does not divide among {size} processes")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device_name = f"cuda:{local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank), device_name
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lock_directory() -> Path:
+    return Path(os.environ.get("FEEDBACK_ALIGNMENT_LOCKS", Path(tempfile.gettempdir()) / "feedback_alignment-gpus"))
+
+
+def claim_gpu_slot(device_ids: list[str], runs_per_gpu: int, poll_seconds: float = 5.0):
+    """Several small runs share a machine's GPUs: take the first free (GPU, slot) of
+    `runs_per_gpu` slots per GPU, waiting while all are taken. Returns (index into device_ids,
+    the open lock file, which must stay open for the run's lifetime; the kernel releases the lock
+    when the process ends, however it ends). GPUs are named by UUID, so jobs that SLURM confines
+    to different GPUs of one node never contend."""
+    directory = lock_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        for slot in range(runs_per_gpu):  # fill every GPU once before doubling up
+            for index, device_id in enumerate(device_ids):
+                handle = open(directory / f"{device_id}.slot{slot}.lock", "w")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+                return index, handle
+        time.sleep(poll_seconds)
+
+
+def cuda_device_ids() -> list[str]:
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]

@@ -1,0 +1,135 @@
+"""Data-parallel training under real torchrun processes (gloo on the CPU), and GPU slot sharing."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from feedback_alignment import data
+from feedback_alignment.distributed import World, claim_gpu_slot
+
+FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
+         "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
+         "--pad", "1", "--flip", "--seed", "5", "--device", "cpu", "--threads", "1",
+         "--alignment-every", "5", "--alignment-batch", "32"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "digits.pt"
+    data.prepare_digits(path)
+    return path
+
+
+def run(command, **kwargs):
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    return process
+
+
+def train(launcher, digits, out, *extra):
+    return run([*launcher, "-m", "feedback_alignment", "train", "--dataset", "digits",
+                "--data", str(digits), "--out", str(out), *FLAGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def single_and_parallel(digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train([sys.executable], digits, root / "single")
+    train(TORCHRUN, digits, root / "parallel")
+    return root / "single", root / "parallel"
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(single_and_parallel):
+    single, parallel = single_and_parallel
+    a, b = (pd.read_csv(d / "history.csv") for d in (single, parallel))
+    assert list(a["images"]) == list(b["images"]) == [8 * 32] * 2  # each image once, not once per rank
+    for column in ("train_loss", "train_error", "val_error", "test_error"):
+        pd.testing.assert_series_equal(b[column], a[column], rtol=1e-4, atol=1e-3)
+    wa, wb = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (single, parallel))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
+    # The brsf draw counter after the last step: one draw at conversion, one per step (2 x 8).
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (single, parallel))
+    counters = [k for k in ca if k.endswith("feedback_draws")]
+    assert counters and all(int(ca[k]) == int(cb[k]) == 17 for k in counters)
+    ma, mb = (pd.read_csv(d / "alignment.csv") for d in (single, parallel))
+    pd.testing.assert_frame_equal(mb[["layer", "step"]], ma[["layer", "step"]])
+    result = json.loads((parallel / "result.json").read_text())
+    assert result["placement"]["world_size"] == 2 and result["status"] == "completed"
+
+
+def test_only_rank_zero_writes(single_and_parallel):
+    single, parallel = single_and_parallel
+    assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in single.iterdir())
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.nn.functional as F
+    import feedback_alignment as fa
+    from feedback_alignment.models import build_model
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # different global RNG state per rank: B must not depend on it
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8)
+    fa.convert(model, rule=sys.argv[1], scale="match", seed=7)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(rank)  # each rank its own data
+    for _ in range(3):
+        images = torch.randn(4, 3, 8, 8, generator=generator)
+        labels = torch.randint(0, 10, (4,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    feedback = {name: layer.feedback_weight for name, layer in fa.feedback_layers(model.module)}
+    torch.save(feedback, f"{sys.argv[2]}/rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf"])
+def test_feedback_weights_are_identical_on_every_rank(rule, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    run([*TORCHRUN, str(script), rule, str(tmp_path)])
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(zero) == 20
+    for name in zero:
+        assert torch.equal(zero[name], one[name]), name
+
+
+def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path):
+    process = subprocess.run([*TORCHRUN, "-m", "feedback_alignment", "train", "--dataset", "digits",
+                              "--data", str(digits), "--out", str(tmp_path / "run"), *FLAGS,
+                              "--batch-size", "33"], capture_output=True, text=True, timeout=300)
+    assert process.returncode != 0
+    assert "--batch-size 33 does not divide among 2 processes" in process.stderr
+
+
+def test_world_shares_split_a_batch_without_overlap():
+    shares = [World(rank, 4).share(32) for rank in range(4)]
+    rows = torch.arange(32)
+    assert torch.equal(torch.cat([rows[s] for s in shares]), rows)
+
+
+def test_gpu_slots_spread_runs_over_gpus_then_double_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_LOCKS", str(tmp_path))
+    gpus = ["GPU-aaa", "GPU-bbb"]
+    claims = [claim_gpu_slot(gpus, runs_per_gpu=2) for _ in range(4)]
+    assert [index for index, _ in claims] == [0, 1, 0, 1]
+    # All four slots are taken: a fifth run in another process waits until one is given back.
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", "from feedback_alignment.distributed import claim_gpu_slot; "
+         "print(claim_gpu_slot(['GPU-aaa', 'GPU-bbb'], 2, poll_seconds=0.05)[0])"],
+        stdout=subprocess.PIPE, text=True, env={**__import__("os").environ})
+    with pytest.raises(subprocess.TimeoutExpired):
+        waiter.wait(timeout=1.0)
+    claims[1][1].close()  # the run on GPU-bbb, slot 0 ends
+    assert waiter.communicate(timeout=30)[0].strip() == "1"
