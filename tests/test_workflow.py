@@ -116,8 +116,23 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     config = yaml.safe_load((REPO / "config" / "imagenet.yaml").read_text())
     config["datasets"]["imagenet"]["path"] = str(imagenet)
     path = write_config(tmp_path, config, "imagenet.yaml")
-    process = snakemake(tmp_path, "-n", "--configfile", str(path))
+    process = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
     assert job_counts(process.stdout)["train"] == 54 and "prepare_imagenet" in process.stdout
+    # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them.
+    assert "torchrun --standalone --nproc-per-node 8 -m feedback_alignment train --threads 8 " in process.stdout
+    assert "gpu=8" in process.stdout
+
+
+def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path):
+    # On this CPU machine the two processes use gloo: the same launch path as on a GPU node.
+    config = dict(TINY, resources={"gpus": 2, "threads": 2},
+                  grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["brsf"], "variants": ["matched"]}],
+                  seeds=[0])
+    write_config(tmp_path, config)
+    snakemake(tmp_path, "--cores", "2", "results/tiny/runs/digits/net/brsf-matched/seed0/evaluation.json")
+    run = tmp_path / "results/tiny/runs/digits/net/brsf-matched/seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["placement"]["world_size"] == 2 and result["status"] == "completed"
 
 
 def test_slurm_profile_plans_the_grid_without_slurm(tmp_path):

@@ -37,7 +37,8 @@ validate(config, str(SCHEMA))  # fills in the schema's defaults
 
 TRAINING_DEFAULTS = {k: v["default"] for k, v in
                      yaml.safe_load(SCHEMA.read_text())["$defs"]["training"]["properties"].items()}
-RESOURCES = {"threads": 1, "gpus": 0, "mem_mb": 4000, "runtime": 60, **config.get("resources", {})}
+RESOURCES = {"threads": 1, "gpus": 0, "runs_per_gpu": 1, "mem_mb": 4000, "runtime": 60,
+             **config.get("resources", {})}
 DATA_DIR = config["data_dir"]
 EXPERIMENT = config["experiment"]
 RESULTS = f"results/{EXPERIMENT}"
@@ -152,7 +153,10 @@ def train_flags(wildcards):
              "--constrain-weight-norm" if s["constrain_weight_norm"] else "--no-constrain-weight-norm",
              f"--optimizer {s['optimizer']}", f"--lr {s['lr']}", f"--momentum {s['momentum']}",
              f"--weight-decay {s['weight_decay']}", f"--lr-gamma {s['lr_gamma']}",
-             f"--epochs {s['epochs']}", f"--batch-size {s['batch_size']}"]
+             f"--epochs {s['epochs']}", f"--batch-size {s['batch_size']}",
+             f"--precision {s['precision']}"]
+    if s["compile"]:
+        flags.append("--compile")
     if s["lr_milestones"]:
         flags.append("--lr-milestones " + " ".join(map(str, s["lr_milestones"])))
     if s["exclude"]:
@@ -168,6 +172,15 @@ def train_flags(wildcards):
     if s.get("flip"):
         flags.append("--flip")
     return " ".join(flags)
+
+
+def launcher(gpus: int, threads: int) -> str:
+    """How a training job starts: one process, or one per GPU through torchrun (data parallel;
+    the CLI reads its rank from torchrun's environment), the job's threads split among them."""
+    if gpus <= 1:
+        return f"python -m feedback_alignment train --threads {threads} --runs-per-gpu {RESOURCES['runs_per_gpu']}"
+    return (f"torchrun --standalone --nproc-per-node {gpus} -m feedback_alignment train "
+            f"--threads {max(1, threads // gpus)}")
 
 
 def prepare_flags(wildcards):

@@ -20,18 +20,19 @@ rule train:
         history=RUN + "/history.csv",
     params:
         flags=train_flags,
+        launcher=launcher(RESOURCES["gpus"], RESOURCES["threads"]),
         device="auto",  # cuda where the job landed on a GPU, else cpu
     threads: RESOURCES["threads"]
     resources:
         mem_mb=RESOURCES["mem_mb"],
         runtime=RESOURCES["runtime"],
-        gpu=RESOURCES["gpus"],
+        gpu=RESOURCES["gpus"],  # snakemake-executor-plugin-slurm asks SLURM for this many
     log:
         RUN + "/train.log",
     shell:
-        "python -m feedback_alignment train --dataset {wildcards.dataset} --data {input.data} "
+        "{params.launcher} --dataset {wildcards.dataset} --data {input.data} "
         "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} "
-        "--device {params.device} --threads {threads} --out $(dirname {output.result}) > {log} 2>&1"
+        "--device {params.device} --out $(dirname {output.result}) > {log} 2>&1"
 
 
 rule evaluate:
@@ -46,7 +47,7 @@ rule evaluate:
     resources:
         mem_mb=RESOURCES["mem_mb"],
         runtime=max(5, RESOURCES["runtime"] // 10),
-        gpu=RESOURCES["gpus"],
+        gpu=min(RESOURCES["gpus"], 1),
     log:
         RUN + "/evaluate.log",
     shell:
