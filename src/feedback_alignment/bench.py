@@ -1,11 +1,14 @@
 """Time one training step (forward, backward, SGD step) per rule against plain, unconverted backprop.
 
     python -m feedback_alignment.bench [--models resnet20 resnet18] [--rounds 30] [--scale match]
+    python -m feedback_alignment.bench --device cuda --dtype fp32 bf16        # GPU mode
 
 All variants are built from the same initial weights and timed round-robin in one process, in a
 fresh random order each round, so machine load drifts and position effects hit them alike. The
 ratio is the median over rounds of (variant step time / plain step time in the same round);
-"plain2", a second unconverted copy, measures the noise floor of that ratio.
+"plain2", a second unconverted copy, measures the noise floor of that ratio. On a GPU the
+step is timed between synchronizations, in the channels_last layout unless --no-channels-last,
+and images/s is the training throughput of one process.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from .models import build_model
 from .rules import RULES, SCALES
 
 
-def _make_step(model, images, labels):
+def _make_step(model, images, labels, compile_model: bool):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile_model else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        F.cross_entropy(forward(images), labels).backward()
         optimizer.step()
     return step
 
@@ -41,16 +45,20 @@ def _sync(device):
 
 
 def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,
-                device: torch.device, dtype: str = "fp32") -> list[dict]:
+                device: torch.device, dtype: str = "fp32", channels_last: bool = False,
+                compile_model: bool = False) -> list[dict]:
     torch.manual_seed(0)
-    base = build_model(arch, num_classes=10, in_channels=3, image_size=32).to(device)
-    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    base = build_model(arch, num_classes=10, in_channels=3, image_size=32)
+    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     # A second unconverted copy shows the noise floor: its ratio would be 1.000 on a quiet machine.
     variants = {"plain": copy.deepcopy(base), "plain2": copy.deepcopy(base)}
     for rule in rules:
         variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=scale, seed=0)
-    steps = {name: _make_step(model.train(), images, labels) for name, model in variants.items()}
+    steps = {name: _make_step(model.to(device, memory_format=memory_format).train(), images, labels,
+                              compile_model)
+             for name, model in variants.items()}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     times = {name: [] for name in steps}
     order = list(steps)
@@ -67,7 +75,8 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
                     times[name].append(time.perf_counter() - start)
     def paired_ratio(name):
         return statistics.median(t / p for t, p in zip(times[name], times["plain"]))
-    return [dict(model=arch, variant=name, dtype=dtype, median_ms=1e3 * statistics.median(t),
+    return [dict(model=arch, variant=name, dtype=dtype, channels_last=channels_last,
+                 compile=compile_model, median_ms=1e3 * statistics.median(t),
                  ratio=paired_ratio(name), images_per_s=batch_size / statistics.median(t))
             for name, t in times.items()]
 
@@ -84,6 +93,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last layout (default: on CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -91,13 +103,15 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     print(f"# torch {torch.__version__}, {device} ({name}), {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds")
+          f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds, "
+          f"channels_last={channels_last}, compile={args.compile}")
     rows = []
     for dtype in args.dtype:
         for arch in args.models:
             rows += bench_model(arch, args.rules, args.scale, args.rounds, args.warmup,
-                                args.batch_size, device, dtype)
+                                args.batch_size, device, dtype, channels_last, args.compile)
             print(f"\n{arch} ({dtype})\n{'variant':>8} {'median ms':>10} {'ratio':>7} {'img/s':>9}")
             for row in rows:
                 if row["model"] == arch and row["dtype"] == dtype:
