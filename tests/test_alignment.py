@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import feedback_alignment as fa
+from conftest import scale_for
 from feedback_alignment.models import build_model
 
 
@@ -35,16 +36,16 @@ def test_bp_angles_are_zero_and_norms_equal():
     assert torch.allclose(torch.tensor(frame.grad_norm.values), torch.tensor(frame.grad_norm_bp.values))
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf"])
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf", "dfa", "kp", "wm"])
 def test_output_layer_update_is_exact_under_every_rule(rule):
-    model = fa.convert(mlp(), rule=rule, scale="match")
+    model = fa.convert(mlp(), rule=rule, scale=scale_for(rule))
     frame = fa.alignment.measure(model, *toy_batch())
     last = frame.iloc[-1]
     assert last.layer == "6" and last.angle_update < 1e-4
     assert last.grad_norm == pytest.approx(last.grad_norm_bp, rel=1e-9)
     assert frame.angle_update.iloc[:-1].min() > 1.0  # hidden layers differ from backprop
-    if rule != "fa":
-        assert frame.angle_feedback_weight.max() < 90  # sign-concordant: positively aligned
+    if fa.get_rule(rule).sign_concordant:
+        assert frame.angle_feedback_weight.max() < 90  # positively aligned by construction
 
 
 def test_fa_starts_near_90_degrees_and_aligns_with_training():

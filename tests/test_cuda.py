@@ -12,16 +12,17 @@ from torch import nn
 import feedback_alignment as fa
 from feedback_alignment import data
 from feedback_alignment.models import build_model
+from conftest import LAYER_RULES, scale_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("rule", LAYER_RULES)
 def test_conv_and_linear_gradients_on_cuda_match_torch(rule):
     torch.manual_seed(0)
     conv = fa.convert(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 5)),
-                      rule=rule, scale="match", seed=0).to(CUDA, torch.float64)
+                      rule=rule, scale=scale_for(rule), seed=0).to(CUDA, torch.float64)
     x = torch.randn(4, 3, 32, 32, device=CUDA, dtype=torch.float64, requires_grad=True)
     hidden = conv[0](x)
     hidden.retain_grad()
@@ -44,7 +45,7 @@ def test_conv_and_linear_gradients_on_cuda_match_torch(rule):
 @pytest.mark.parametrize("rule", fa.RULES)
 def test_bf16_channels_last_training_step_on_cuda(rule):
     torch.manual_seed(0)
-    model = fa.convert(build_model("resnet20", 10, 3, 32), rule=rule, scale="match", seed=0)
+    model = fa.convert(build_model("resnet20", 10, 3, 32), rule=rule, scale=scale_for(rule), seed=0)
     reference = copy.deepcopy(model).to(CUDA)
     model = model.to(CUDA, memory_format=torch.channels_last)
     images = torch.randn(16, 3, 32, 32, device=CUDA)

@@ -10,6 +10,7 @@ import torch
 
 from feedback_alignment import data
 from feedback_alignment.distributed import World, claim_gpu_slot
+from conftest import scale_for
 
 FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
          "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
@@ -77,7 +78,7 @@ RANK_SCRIPT = textwrap.dedent("""
     rank = dist.get_rank()
     torch.manual_seed(100 + rank)  # different global RNG state per rank: B must not depend on it
     model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8)
-    fa.convert(model, rule=sys.argv[1], scale="match", seed=7)
+    fa.convert(model, rule=sys.argv[1], scale=sys.argv[3], seed=7)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -88,17 +89,18 @@ RANK_SCRIPT = textwrap.dedent("""
         optimizer.zero_grad()
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
+        fa.mirror.mirror_step(model.module)  # wm: B learns from its own noise stream
     feedback = {name: layer.feedback_weight for name, layer in fa.feedback_layers(model.module)}
     torch.save(feedback, f"{sys.argv[2]}/rank{rank}.pt")
     dist.destroy_process_group()
 """)
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf"])
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf", "dfa", "kp", "wm"])
 def test_feedback_weights_are_identical_on_every_rank(rule, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    run([*TORCHRUN, str(script), rule, str(tmp_path)])
+    run([*TORCHRUN, str(script), rule, str(tmp_path), scale_for(rule)])
     zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(zero) == 20
     for name in zero:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import feedback_alignment as fa
+from conftest import LAYER_RULES, scale_for
 
 
 
@@ -33,11 +34,11 @@ CONV_CONFIGS = [
 ]
 
 
-def _converted_copy(module, rule, scale="match", seed=0):
-    return fa.convert(copy.deepcopy(module), rule=rule, scale=scale, seed=seed)
+def _converted_copy(module, rule, seed=0):
+    return fa.convert(copy.deepcopy(module), rule=rule, scale=scale_for(rule), seed=seed)
 
 
-@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("rule", LAYER_RULES)
 @pytest.mark.parametrize("config", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_conv_gradients_match_torch(rule, config):
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def test_conv_gradients_match_torch(rule, config):
         torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("rule", LAYER_RULES)
 @pytest.mark.parametrize("shape", [(7,), (5, 7), (3, 4, 7), (2, 3, 2, 7)], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gradients_match_torch(rule, shape, bias):
@@ -93,7 +94,7 @@ def test_linear_gradients_match_torch(rule, shape, bias):
 
 def test_feedback_is_not_weight_for_asymmetric_rules():
     torch.manual_seed(0)
-    for rule in ("fa", "usf", "brsf", "frsf"):
-        layer = fa.convert(nn.Linear(8, 8), rule=rule, scale="match")
+    for rule in ("fa", "usf", "brsf", "frsf", "kp", "wm"):
+        layer = fa.convert(nn.Linear(8, 8), rule=rule, scale=scale_for(rule))
         layer(torch.randn(2, 8))
         assert not torch.allclose(layer.feedback_weight, layer.weight), rule

@@ -6,16 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import feedback_alignment as fa
+from conftest import LAYER_RULES, scale_for
 from feedback_alignment.models import build_model
 
 
 def _model(rule):
     torch.manual_seed(0)
     return fa.convert(build_model("convnet", num_classes=3, in_channels=2, depth=2, width=4),
-                      rule=rule, scale="match", seed=0)
+                      rule=rule, scale=scale_for(rule), seed=0)
 
 
-@pytest.mark.parametrize("rule", fa.RULES)
+@pytest.mark.parametrize("rule", LAYER_RULES)
 def test_bf16_autocast_trains_and_matches_the_bf16_reference(rule):
     model = _model(rule)
     images, labels = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 2, 0])
@@ -101,3 +102,18 @@ def test_brsf_redraws_in_a_channels_last_model_equal_the_contiguous_ones():
         assert torch.equal(b.feedback_direction, a.feedback_direction), name  # the same draw
         # The matched gain is a norm, summed in another order in the other layout.
         torch.testing.assert_close(b.feedback_weight, a.feedback_weight, rtol=1e-6, atol=0, msg=name)
+
+
+def test_dfa_under_bf16_autocast_projects_the_output_error_in_bf16():
+    model = _model("dfa")
+    images = torch.randn(4, 2, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+        logits.retain_grad()
+        loss = F.cross_entropy(logits, torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad.dtype == torch.float32 and torch.isfinite(parameter.grad).all(), name
+    first = model.features[0].feedback_weight  # classes x (2 x 5 x 5)
+    expected = (logits.grad.to(torch.bfloat16) @ first.to(torch.bfloat16)).float().view(images.shape)
+    torch.testing.assert_close(images.grad, expected, rtol=2e-2, atol=2e-2)

@@ -5,9 +5,10 @@
 """
 from . import alignment, optim
 from .convert import convert, feedback_layers
+from . import mirror
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .rules import RULES, SCALES, get_rule
 
-__all__ = ["alignment", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
+__all__ = ["alignment", "mirror", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
            "FeedbackConv2d", "FeedbackLayer", "FeedbackLinear"]
 __version__ = "0.1.0"

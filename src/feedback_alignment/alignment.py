@@ -124,10 +124,13 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn=nn.functi
         layer = named[name]
         feedback, weight = layer.feedback_weight.detach(), layer.weight.detach()
         (grad, signal), (grad_bp, signal_bp) = rule[name], exact[name]
+        # dfa's B maps the output error (classes x input size): comparable with W only where
+        # it has W's shape, at the classifier.
+        comparable = feedback.shape == weight.shape
         rows.append(dict(
             layer=name, rule=layer.rule.name,
-            angle_feedback_weight=angle_degrees(feedback, weight),
-            norm_ratio=float(feedback.double().norm() / weight.double().norm()),
+            angle_feedback_weight=angle_degrees(feedback, weight) if comparable else math.nan,
+            norm_ratio=float(feedback.double().norm() / weight.double().norm()) if comparable else math.nan,
             angle_update=angle_degrees(grad, grad_bp),
             angle_signal=angle_degrees(signal, signal_bp) if signal is not None and signal_bp is not None
             else math.nan,

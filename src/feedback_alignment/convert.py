@@ -5,7 +5,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .layers import FeedbackLayer, from_module
+from .layers import DirectFeedbackSource, FeedbackLayer, from_module
 from .rules import check_scale, get_rule
 
 CONVERTIBLE = (nn.Conv2d, nn.Linear)
@@ -24,8 +24,7 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     still trains them. Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
     Only exact nn.Conv2d / nn.Linear are converted: a subclass may compute its forward differently.
     """
-    get_rule(rule)
-    check_scale(scale)
+    check_scale(scale, get_rule(rule))
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     named = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in named}
@@ -43,16 +42,34 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     if not targets:
         raise ValueError(f"nothing to convert: {type(model).__name__} has no nn.Conv2d or nn.Linear"
                          + (f" outside exclude={list(exclude)}" if exclude else ""))
+    source = _direct_feedback_source(model) if get_rule(rule).signal == "direct" else None
     for name, module in targets:
         layer = converted.get(id(module))
         if layer is None:
             layer = converted[id(module)] = from_module(module, name, rule, scale, seed,
                                                         constrain_weight_norm)
+            if source is not None:
+                layer.direct_source = source
         if name == "":
-            return layer
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+            model = layer
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+    if source is not None:
+        # The model's own output is where dfa reads the error; the hooks live on the model.
+        model.register_forward_pre_hook(source.begin)
+        model.register_forward_hook(source.attach)
     return model
+
+
+def _direct_feedback_source(model: nn.Module) -> DirectFeedbackSource:
+    """dfa projects the error of the class scores: their number is the out_features of the
+    model's last nn.Linear (its classifier)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"rule 'dfa' needs a classifier: {type(model).__name__} has no nn.Linear "
+                         "whose outputs are the class scores")
+    return DirectFeedbackSource(linears[-1].out_features)
 
 
 def feedback_layers(model: nn.Module) -> list[tuple[str, FeedbackLayer]]:

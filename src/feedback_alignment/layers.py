@@ -7,7 +7,8 @@ gradients at the cost of plain backprop.
 
 B is kept as a direction and a gain, B = feedback_direction * feedback_gain, both buffers (with
 the fixed random magnitudes of frsf and the draw counter): saved in state_dict, moved by .to(),
-broadcast by DDP, never seen by an optimizer. Keeping the gain apart means `scale="match"` costs
+never seen by an optimizer. (The exception is Kolen-Pollack, whose B is learned by the optimizer:
+there feedback_direction is a Parameter, and its gradient is W's.) Keeping the gain apart means `scale="match"` costs
 one norm per step instead of rewriting every entry of B; the backward applies the gain to B or to
 the input gradient, whichever is smaller.
 """
@@ -28,6 +29,9 @@ def _apply_gain(feedback: Tensor, gain: Tensor, grad_output: Tensor):
     return feedback, gain
 
 
+# In both Functions, `direction` needs a gradient only under Kolen-Pollack, and then it is the
+# weight's gradient: computed once, handed to both.
+
 class _FeedbackConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, direction, gain, stride, padding, dilation, groups):
@@ -40,16 +44,18 @@ class _FeedbackConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, direction, gain = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        feedback, input_factor = _apply_gain(direction, gain, grad_output)
+        need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
+        feedback, input_factor = _apply_gain(direction.detach(), gain, grad_output)
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_output, input, feedback, ctx.bias_sizes,
             stride, padding, dilation, False, [0, 0], groups,
-            [need_input, need_weight, need_bias and ctx.bias_sizes is not None],
+            [need_input, need_weight or need_direction, need_bias and ctx.bias_sizes is not None],
         )
         if grad_input is not None and input_factor is not None:
             grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        grad_direction = grad_weight if need_direction else None
+        return (grad_input, grad_weight if need_weight else None, grad_bias, grad_direction,
+                None, None, None, None, None)
 
 
 class _FeedbackLinearFunction(torch.autograd.Function):
@@ -62,19 +68,93 @@ class _FeedbackLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, direction, gain = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = None
         if need_input:
-            feedback, input_factor = _apply_gain(direction, gain, grad_output)
+            feedback, input_factor = _apply_gain(direction.detach(), gain, grad_output)
             grad_input = grad_output.matmul(feedback)
             if input_factor is not None:
                 grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-        if need_weight:
+        if need_weight or need_direction:
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
         if need_bias and ctx.has_bias:
             grad_bias = flat_grad.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None
+        grad_direction = grad_weight if need_direction else None
+        return grad_input, grad_weight if need_weight else None, grad_bias, grad_direction, None
+
+
+class _DirectFeedbackFunction(torch.autograd.Function):
+    """DFA: the forward of a conv or linear layer; in the backward, true weight and bias
+    gradients from the arriving grad_output, and as the input gradient the model's output error
+    times this layer's B (classes x input size), not the true one, which is never computed."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, feedback, error, layer_name, conv_args):
+        ctx.save_for_backward(input, feedback)
+        ctx.error, ctx.layer_name, ctx.conv_args = error, layer_name, conv_args
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.weight_shape = weight.shape
+        if conv_args is None:
+            return F.linear(input, weight, bias)
+        return F.conv2d(input, weight, bias, *conv_args)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, feedback = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if ctx.conv_args is None:
+            flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+            if need_weight:
+                grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
+            if need_bias and ctx.bias_sizes is not None:
+                grad_bias = flat_grad.sum(0)
+        elif need_weight or need_bias:
+            stride, padding, dilation, groups = ctx.conv_args
+            # The weight's values do not enter its own gradient; an empty stand-in of its shape does.
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_output, input, input.new_empty(ctx.weight_shape), ctx.bias_sizes,
+                stride, padding, dilation, False, [0, 0], groups,
+                [False, need_weight, need_bias and ctx.bias_sizes is not None])
+        if need_input:
+            error = ctx.error.value
+            if error is None:
+                raise RuntimeError(f"dfa layer {ctx.layer_name!r} has no output error to project: "
+                                   "the loss must be computed from the model's output (the class scores)")
+            grad_input = error.to(feedback.dtype).mm(feedback).view(input.shape).to(input.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class OutputError:
+    """The error at the model's output (dL/d scores) of one forward, for the dfa layers."""
+
+    def __init__(self):
+        self.value = None
+
+    def store(self, grad: Tensor) -> None:
+        self.value = grad.detach().reshape(grad.shape[0], -1)
+
+
+class DirectFeedbackSource:
+    """Hooks on the converted model: each forward opens a fresh OutputError that the dfa layers
+    of that forward keep, and the output's gradient hook fills it at the start of the backward
+    (before any layer's backward runs). Several forwards before one backward stay apart."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.current = OutputError()
+
+    def begin(self, module, args) -> None:
+        self.current = OutputError()
+
+    def attach(self, module, args, output) -> None:
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        if output.dim() != 2 or output.shape[1] != self.num_classes:
+            raise ValueError(f"dfa needs the model's output to be class scores (batch x "
+                             f"{self.num_classes}), got shape {tuple(output.shape)}")
+        output.register_hook(self.current.store)
 
 
 def _cast_for_autocast(device_type: str, *tensors):
@@ -93,7 +173,7 @@ class FeedbackLayer:
     def _setup_feedback(self, rule: str, scale: str, seed: int, name: str,
                         constrain_weight_norm: bool) -> None:
         self.rule = get_rule(rule)
-        self.scale = check_scale(scale)
+        self.scale = check_scale(scale, self.rule)
         self.seed = int(seed)
         self.layer_name = name
         self.constrain_weight_norm = bool(constrain_weight_norm)
@@ -105,13 +185,21 @@ class FeedbackLayer:
         self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
         if self.rule.write_feedback is None:  # bp: B is W itself, nothing to keep
             return
+        if self.rule.signal == "direct":
+            # classes x input size, drawn at the first training forward (sizes unknown until then).
+            self.register_buffer("feedback_direction", weight.new_empty(0))
+            self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
+            self.direct_source: DirectFeedbackSource | None = None  # set by convert
+            return
         if self.rule.keeps_magnitude:
             self.register_buffer("feedback_magnitude", torch.empty_like(weight))
             self._draw_uniform(self.feedback_magnitude, 0.0, self.init_bound)
         self.register_buffer("feedback_direction", torch.empty_like(weight))
         self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
         self._write_raw_feedback()
-        if self.rule.fixed_direction:  # its norm never changes: one norm per step, not two
+        if self.rule.learning == "gradient":  # trained by the optimizer, beside W
+            self.feedback_direction = nn.Parameter(self._buffers.pop("feedback_direction"))
+        if self.rule.fixed_direction and self.rule.scalable:  # one norm per step, not two
             self.register_buffer("feedback_direction_norm", torch.linalg.vector_norm(self.feedback_direction))
         if self.scale != "none":
             self.feedback_gain.copy_(self._norm_ratio())
@@ -153,10 +241,62 @@ class FeedbackLayer:
 
     @property
     def feedback_weight(self) -> Tensor:
-        """B, the matrix the backward of the latest forward sends the error through."""
+        """B, the matrix the backward of the latest forward sends the error through (for dfa:
+        classes x input size, applied to the model's output error)."""
         if self.rule.write_feedback is None:
             return self.weight
-        return self.feedback_direction * self.feedback_gain
+        return self.feedback_direction.detach() * self.feedback_gain
+
+    # -- direct feedback (dfa) ------------------------------------------------------------
+    @torch.no_grad()
+    def _direct_feedback(self, input: Tensor) -> Tensor:
+        """This layer's B for the model's output error, drawn on first use."""
+        size = input[0].numel()
+        if self.feedback_direction.numel() == 0:
+            classes = self.direct_source.num_classes
+            self.feedback_direction = self.feedback_direction.new_empty(classes, size)
+            bound = 1.0 / classes ** 0.5
+            self._draw_uniform(self.feedback_direction, -bound, bound)
+        elif self.feedback_direction.shape[1] != size:
+            raise ValueError(f"dfa layer {self.layer_name!r} got inputs of {size} values per example; "
+                             f"its feedback was drawn for {self.feedback_direction.shape[1]}")
+        return self.feedback_direction
+
+    def _feedback_forward(self, input: Tensor, conv_args: tuple | None) -> Tensor:
+        """The layer's output through the rule's autograd Function (conv_args None: linear),
+        under autocast with the dtypes autocast would give conv2d / linear."""
+        weight, bias = self.weight, self.bias
+        if self.rule.signal == "direct":
+            if self.direct_source is None:
+                raise RuntimeError(f"dfa layer {self.layer_name!r} is not part of a model converted "
+                                   "with fa.convert(model, rule='dfa')")
+            feedback = self._direct_feedback(input) if input.requires_grad else self.feedback_direction
+            error = self.direct_source.current
+
+            def function(input, weight, bias, feedback):
+                return _DirectFeedbackFunction.apply(input, weight, bias, feedback, error,
+                                                     self.layer_name, conv_args)
+        else:
+            feedback = self.feedback_direction
+
+            def function(input, weight, bias, direction):
+                if conv_args is None:
+                    return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
+                return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
+                                                     *conv_args)
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            input, weight, bias, feedback = _cast_for_autocast(device_type, input, weight, bias, feedback)
+            with torch.autocast(device_type, enabled=False):
+                return function(input, weight, bias, feedback)
+        return function(input, weight, bias, feedback)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dfa B not drawn yet is empty: take the saved one's shape before loading into it.
+        key = prefix + "feedback_direction"
+        if self.rule.signal == "direct" and key in state_dict and self.feedback_direction.numel() == 0:
+            self.feedback_direction = self.feedback_direction.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # Set by alignment.measure: keep B as it is (no redraw, no rescale) and/or run as exact backprop.
     _feedback_frozen = False
@@ -181,16 +321,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
         if not self._uses_feedback_path(input):
             return self._conv_forward(input, self.weight, self.bias)
         input, padding = self._pad(input)
-        weight, bias, direction = self.weight, self.bias, self.feedback_direction
-        device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
-            input, weight, bias, direction = _cast_for_autocast(device_type, input, weight, bias, direction)
-            with torch.autocast(device_type, enabled=False):
-                return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
-                                                     list(self.stride), padding, list(self.dilation),
-                                                     self.groups)
-        return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
-                                             list(self.stride), padding, list(self.dilation), self.groups)
+        return self._feedback_forward(input, (list(self.stride), padding, list(self.dilation), self.groups))
 
     def _pad(self, input: Tensor) -> tuple[Tensor, list[int]]:
         """Turn every padding form into explicit symmetric zero padding that convolution_backward
@@ -215,13 +346,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
             self.refresh_feedback_()
         if not self._uses_feedback_path(input):
             return F.linear(input, self.weight, self.bias)
-        weight, bias, direction = self.weight, self.bias, self.feedback_direction
-        device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
-            input, weight, bias, direction = _cast_for_autocast(device_type, input, weight, bias, direction)
-            with torch.autocast(device_type, enabled=False):
-                return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
-        return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
+        return self._feedback_forward(input, None)
 
 
 def from_module(module: nn.Module, name: str, rule: str, scale: str, seed: int,

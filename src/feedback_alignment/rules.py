@@ -36,7 +36,20 @@ class Rule:
     fixed_direction: bool
     # True when the rule keeps a fixed random magnitude tensor beside B (frsf).
     keeps_magnitude: bool = False
+    # Where a layer's error signal comes from: "layer" - back through the next layers' B, as in
+    # backprop; "direct" - the output error through the layer's own fixed random matrix (DFA).
+    signal: str = "layer"
+    # How B learns, if it does: "gradient" - B is a Parameter given W's gradient, so that the
+    # optimizer applies W's update and weight decay to it (Kolen-Pollack); "mirror" - B learns
+    # from noise sent through the layer between training steps (weight mirrors, mirror.py).
+    learning: str | None = None
     description: str = ""
+
+    @property
+    def scalable(self) -> bool:
+        """Whether the feedback scale techniques apply: not to a B that is learned or that maps
+        the output error (a vector of class scores) rather than mirroring W."""
+        return self.learning is None and self.signal == "layer"
 
 
 def _fixed_random(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
@@ -75,6 +88,20 @@ _REGISTRY: dict[str, Rule] = {
         Rule("frsf", _fixed_random_sign, "fixed", sign_concordant=True, fixed_direction=False,
              keeps_magnitude=True,
              description="fixed random-magnitude sign-concordant feedback: B = |R| * sign(W)"),
+        # B (classes x the layer's input size) is drawn at the first training forward, when the
+        # input size is known; U(-1/sqrt(classes), 1/sqrt(classes)), a Linear's default init.
+        Rule("dfa", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             signal="direct",
+             description="direct feedback alignment: output error x fixed random B, to every "
+                         "layer (Nokland 2016)"),
+        Rule("kp", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             learning="gradient",
+             description="Kolen-Pollack: B starts random and receives W's update and weight "
+                         "decay, so it converges to W (Akrout et al. 2019)"),
+        Rule("wm", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             learning="mirror",
+             description="weight mirrors: B starts random and learns W from noise in a mirror "
+                         "phase (Akrout et al. 2019)"),
     )
 }
 
@@ -93,9 +120,12 @@ def get_rule(name: str) -> Rule:
         raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}") from None
 
 
-def check_scale(scale: str) -> str:
+def check_scale(scale: str, rule: Rule | None = None) -> str:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if rule is not None and scale != "none" and not rule.scalable:
+        raise ValueError(f"rule {rule.name!r} takes scale 'none', not {scale!r}: its B is "
+                         + ("learned" if rule.learning else "a map from the output error, not a mirror of W"))
     return scale
 
 

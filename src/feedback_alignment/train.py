@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import alignment
 from . import data as datasets
+from .mirror import mirror_layers, mirror_step
 from .convert import convert
 from .distributed import World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .models import build_model
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="every N steps (and before the first), log per-layer alignment with backprop on a "
              "fixed validation batch to alignment.csv; 0 = never")
     add("--alignment-batch", type=int, default=128, help="images in the alignment probe batch")
+    add("--mirror-lr", type=float, default=0.1, help="wm: B <- (1 - decay) B + lr W_hat per step")
+    add("--mirror-decay", type=float, default=0.1, help="wm: see --mirror-lr")
+    add("--mirror-batch", type=int, default=64, help="wm: noise inputs per layer per mirror phase")
     add("--workers", type=int, default=None, help="imagenet DataLoader workers (default: threads)")
     return p
 
@@ -298,7 +302,9 @@ def _run(args, world: World, device_name: str) -> dict:
         # Batch statistics over the global batch, as in the single-process run. (gloo on CPU has
         # no SyncBatchNorm: there each rank normalizes over its share.)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Built after conversion: under kp the optimizer also trains B (a Parameter there).
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
+    mirrors = bool(mirror_layers(model))
     # `model` holds the state (saved, evaluated, measured); `forward` is what the training step calls.
     compiled = torch.compile(model) if args.compile else model
     forward = compiled
@@ -378,6 +384,8 @@ def _run(args, world: World, device_name: str) -> dict:
                     loss = F.cross_entropy(logits, labels)
                 loss.backward()
                 optimizer.step()
+                if mirrors:  # weight mirrors: B learns from noise between training steps
+                    mirror_step(model, args.mirror_lr, args.mirror_decay, args.mirror_batch)
                 sums["loss"] += loss.detach().float() * labels.shape[0]
                 # Where the loss first went non-finite, recorded on the device without a sync.
                 sums["first_bad_step"] = torch.where(

@@ -1,0 +1,72 @@
+"""Weight mirrors (Akrout et al. 2019): B learns W from noise sent through the layer.
+
+    fa.convert(model, rule="wm", seed=0)
+    ... after each optimizer step:
+    fa.mirror.mirror_step(model)
+
+In a mirror phase between training steps every wm layer takes white noise x (unit variance) at
+its input and observes its own linear response y = W x (no bias, no padding). For white noise
+E[y x^T] = W, so W_hat = y x^T / n over n noise vectors (for a convolution: every output
+position of every noise image) is an unbiased estimate, and
+
+    B <- (1 - decay) B + lr W_hat
+
+has the fixed point (lr / decay) W in expectation: with lr = decay (the default) B tracks W, as
+an average of recent estimates. The layer sees only its own input and output, never W itself.
+The noise comes from the layer's own seeded stream (seed, layer name, draw index), so resumed
+and data-parallel runs draw the same noise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import feedback_layers
+from .draws import stream_seed
+
+MIRROR_POSITIONS = 8  # output positions per side of a conv noise image: 64 samples per image
+
+
+def mirror_layers(model: nn.Module) -> list:
+    return [layer for _, layer in feedback_layers(model) if layer.rule.learning == "mirror"]
+
+
+@torch.no_grad()
+def mirror_step(model: nn.Module, lr: float = 0.1, decay: float = 0.1, batch_size: int = 64) -> int:
+    """One mirror phase for every wm layer of `model`; returns how many layers it updated."""
+    layers = mirror_layers(model)
+    for layer in layers:
+        estimate = _weight_estimate(layer, batch_size)
+        layer.feedback_direction.mul_(1.0 - decay).add_(estimate, alpha=lr)
+    return len(layers)
+
+
+def _noise(layer, shape) -> torch.Tensor:
+    weight = layer.weight
+    draw = int(layer.feedback_draws)
+    layer.feedback_draws.add_(1)
+    generator = torch.Generator(device=weight.device)
+    generator.manual_seed(stream_seed(layer.seed, layer.layer_name, draw))
+    return torch.randn(shape, generator=generator, device=weight.device, dtype=torch.float32)
+
+
+def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
+    weight = layer.weight.detach().float()
+    if isinstance(layer, nn.Conv2d):
+        stride, dilation = layer.stride, layer.dilation
+        side = [d * (k - 1) + 1 + s * (MIRROR_POSITIONS - 1)
+                for k, s, d in zip(layer.kernel_size, stride, dilation)]
+        x = _noise(layer, (batch_size, layer.in_channels, *side))
+        y = F.conv2d(x, weight, None, stride, 0, dilation, layer.groups)
+        # sum over images and positions of y x_patch^T: the weight gradient of y w.r.t. W.
+        _, estimate, _ = torch.ops.aten.convolution_backward(
+            y, x, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], layer.groups,
+            [False, True, False])
+        samples = y.shape[0] * y.shape[2] * y.shape[3]
+    else:
+        # As many noise vectors as a conv layer gets output positions: the same estimate quality.
+        samples = batch_size * MIRROR_POSITIONS ** 2
+        x = _noise(layer, (samples, layer.in_features))
+        estimate = F.linear(x, weight).t().mm(x)
+    return (estimate / samples).to(layer.feedback_direction.dtype)

@@ -1,0 +1,242 @@
+"""Direct feedback alignment, Kolen-Pollack and weight mirrors, against hand-computed references."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import feedback_alignment as fa
+from feedback_alignment.alignment import angle_degrees, measure
+from feedback_alignment.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+# -- dfa ----------------------------------------------------------------------------------
+
+def test_dfa_weight_gradients_are_the_projected_output_error_gated_by_the_nonlinearity():
+    plain = mlp()
+    model = fa.convert(copy.deepcopy(plain), rule="dfa", seed=1)
+    x, y = torch.randn(7, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    F.cross_entropy(model(x), y).backward()
+    # The reference, by hand, from the plain model's activations and output error.
+    a1 = plain[0](x)
+    h1 = a1.relu()
+    a2 = plain[2](h1)
+    h2 = a2.relu()
+    logits = plain[4](h2)
+    e = torch.autograd.grad(F.cross_entropy(logits, y), logits)[0]
+    b3, b2 = model[4].feedback_weight, model[2].feedback_weight  # 3 x 4 and 3 x 5
+    assert b3.shape == (3, 4) and b2.shape == (3, 5)
+    delta2 = (e @ b3) * (a2 > 0)
+    delta1 = (e @ b2) * (a1 > 0)
+    torch.testing.assert_close(model[4].weight.grad, e.t() @ h2.detach())  # the classifier is exact
+    torch.testing.assert_close(model[2].weight.grad, delta2.t() @ h1.detach())
+    torch.testing.assert_close(model[2].bias.grad, delta2.sum(0))
+    torch.testing.assert_close(model[0].weight.grad, delta1.t() @ x)
+    assert model[0].feedback_direction.numel() == 0  # the input needs no gradient: no B drawn
+
+
+def test_dfa_conv_feedback_is_full_spatial():
+    torch.manual_seed(0)
+    model = fa.convert(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)),
+                       rule="dfa", seed=0)
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    logits = model(x)
+    logits.retain_grad()
+    F.cross_entropy(logits, torch.tensor([1, 3])).backward()
+    b = model[0].feedback_weight
+    assert b.shape == (4, 2 * 5 * 5)  # its own feedback for every channel and position
+    torch.testing.assert_close(x.grad, (logits.grad @ b).view(x.shape))
+    # The conv's weight gradient is the true one for the error that reached its output.
+    reference = nn.Conv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        reference.weight.copy_(model[0].weight)
+        reference.bias.copy_(model[0].bias)
+    out = reference(x.detach())
+    grad_out = (logits.grad @ model[2].feedback_weight).view(out.shape)
+    out.backward(grad_out)
+    torch.testing.assert_close(model[0].weight.grad, reference.weight.grad)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dfa_never_computes_the_true_input_gradient():
+    torch.manual_seed(0)
+    model = fa.convert(build_model("convnet", 10, 1, 8, True, 3, 8), rule="dfa", seed=0)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss = F.cross_entropy(model(x), y)
+    with _Ops() as ops:
+        loss.backward()
+    conv_backwards = [args for func, args in ops.calls if func is torch.ops.aten.convolution_backward.default]
+    assert len(conv_backwards) == 3
+    assert all(args[-1][0] is False for args in conv_backwards)  # output_mask: no input gradient
+    # Neither is the classifier's W^T applied to the error: only B's (10 x 32) product appears.
+    classifier_weight = model.classifier.weight
+    assert not any(any(a is classifier_weight for a in args if isinstance(a, torch.Tensor))
+                   for func, args in ops.calls if func is torch.ops.aten.mm.default)
+
+
+def test_dfa_errors_are_clear():
+    with pytest.raises(ValueError, match="rule 'dfa' needs a classifier"):
+        fa.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), rule="dfa")
+    with pytest.raises(ValueError, match="takes scale 'none'"):
+        fa.convert(mlp(), rule="dfa", scale="match")
+    model = fa.convert(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)), rule="dfa")
+    with pytest.raises(ValueError, match=r"class scores \(batch x 3\), got shape \(6,\)"):
+        model(torch.randn(2, 4))
+
+
+def test_dfa_state_dict_round_trips_the_lazily_drawn_feedback():
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    trained = fa.convert(mlp(), rule="dfa", seed=4)
+    F.cross_entropy(trained(x), y).backward()
+    fresh = fa.convert(mlp(), rule="dfa", seed=9)
+    fresh.load_state_dict(trained.state_dict())
+    for (name, a), (_, b) in zip(fa.feedback_layers(trained), fa.feedback_layers(fresh)):
+        assert torch.equal(a.feedback_direction, b.feedback_direction), name
+    same_seed = fa.convert(mlp(), rule="dfa", seed=4)
+    torch.manual_seed(123)  # the global RNG plays no part
+    F.cross_entropy(same_seed(x), y).backward()
+    assert torch.equal(same_seed[2].feedback_weight, trained[2].feedback_weight)
+
+
+def test_dfa_in_the_alignment_analysis():
+    model = fa.convert(mlp(), rule="dfa", seed=0)
+    frame = measure(model, torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert list(frame.layer) == ["0", "2", "4"]
+    assert math.isnan(frame.angle_feedback_weight[1])  # 3 x 5 B beside a 4 x 5 W: no angle
+    assert frame.angle_update[2] == pytest.approx(0, abs=1e-5)  # the classifier's update is exact
+    assert 0 < frame.angle_update[1] < 180
+
+
+# -- kp -----------------------------------------------------------------------------------
+
+def test_kp_feedback_is_a_parameter_whose_gradient_is_the_weights():
+    model = fa.convert(mlp(), rule="kp", seed=0)
+    reference = mlp()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    F.cross_entropy(model(x), y).backward()
+    parameters = {id(p) for p in model.parameters()}
+    for name, layer in fa.feedback_layers(model):
+        assert id(layer.feedback_direction) in parameters, name
+        assert torch.equal(layer.feedback_direction.grad, layer.weight.grad), name
+    # The classifier's gradient is exact; hidden layers' input gradients go through B, not W.
+    F.cross_entropy(reference(x), y).backward()
+    torch.testing.assert_close(model[4].weight.grad, reference[4].weight.grad)
+
+
+def test_kp_difference_between_b_and_w_decays_geometrically_under_sgd():
+    # Same update for B and W, each decayed by its own weight decay: B - W shrinks by
+    # (1 - lr * wd) per step, whatever the gradients are.
+    model = fa.convert(mlp(), rule="kp", seed=0)
+    lr, wd, steps = 0.1, 0.05, 40
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    start = {name: (l.feedback_direction - l.weight).detach().clone() for name, l in fa.feedback_layers(model)}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for name, layer in fa.feedback_layers(model):
+        expected = start[name] * (1 - lr * wd) ** steps
+        torch.testing.assert_close(layer.feedback_direction - layer.weight, expected, msg=name)
+
+
+def test_kp_angle_between_b_and_w_falls_toward_zero_in_training():
+    from sklearn.datasets import load_digits
+    torch.set_default_dtype(torch.float32)
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = fa.convert(build_model("convnet", 10, 1, 8, True, 3, 16), rule="kp", seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    angles = []  # the largest angle over the layers, every 100 steps
+    for step in range(601):
+        if step % 100 == 0:
+            angles.append(max(angle_degrees(l.feedback_weight, l.weight) for _, l in fa.feedback_layers(model)))
+        batch = torch.randint(0, len(labels), (32,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        optimizer.step()
+    assert angles[0] > 85
+    assert all(later < earlier for earlier, later in zip(angles, angles[1:])), angles
+    assert angles[-1] < 10, angles
+
+
+# -- wm -----------------------------------------------------------------------------------
+
+def mirror_model():
+    torch.manual_seed(0)
+    return fa.convert(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), nn.ReLU(),
+                                    nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3), nn.ReLU(),
+                                    nn.Flatten(), nn.Linear(6 * 4 * 4, 5)), rule="wm", seed=0)
+
+
+def test_weight_mirrors_bring_b_to_w():
+    model = mirror_model()
+    before = [angle_degrees(l.feedback_weight, l.weight) for _, l in fa.feedback_layers(model)]
+    for _ in range(60):
+        fa.mirror.mirror_step(model)
+    after = [angle_degrees(l.feedback_weight, l.weight) for _, l in fa.feedback_layers(model)]
+    assert min(before) > 80 and max(after) < 5, (before, after)
+    for _, layer in fa.feedback_layers(model):
+        ratio = float(layer.feedback_weight.norm() / layer.weight.detach().norm())
+        assert ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_weight_mirror_fixed_point_is_lr_over_decay_times_w():
+    model = mirror_model()
+    for _ in range(150):
+        fa.mirror.mirror_step(model, lr=0.2, decay=0.1)
+    for name, layer in fa.feedback_layers(model):
+        torch.testing.assert_close(layer.feedback_weight, 2 * layer.weight.detach(), rtol=0, atol=0.15 * float(
+            layer.weight.detach().abs().max()), msg=name)
+
+
+def test_weight_mirrors_are_reproducible_and_leave_w_alone():
+    a, b = mirror_model(), mirror_model()
+    weights = [l.weight.detach().clone() for _, l in fa.feedback_layers(a)]
+    torch.manual_seed(1)
+    fa.mirror.mirror_step(a)
+    torch.manual_seed(2)
+    fa.mirror.mirror_step(b)
+    for (name, la), (_, lb), w in zip(fa.feedback_layers(a), fa.feedback_layers(b), weights):
+        assert torch.equal(la.feedback_direction, lb.feedback_direction), name
+        assert torch.equal(la.weight, w), name
+
+
+def test_mirror_step_ignores_other_rules():
+    assert fa.mirror.mirror_step(fa.convert(mlp(), rule="fa")) == 0
+
+
+@pytest.mark.parametrize("rule", ["kp", "wm"])
+def test_learned_rules_take_no_feedback_scale(rule):
+    with pytest.raises(ValueError, match=f"rule '{rule}' takes scale 'none', not 'init': its B is learned"):
+        fa.convert(mlp(), rule=rule, scale="init")
