@@ -93,6 +93,9 @@ def test_tiny_study_end_to_end(tmp_path):
     (lambda c: c["archs"].update(net={"arch": "resnet18"}), "archs.net with variants.exact on digits"),
     (lambda c: c["archs"]["net"].update(arch="nonet"), "archs.net with variants.exact on digits"),
     (lambda c: c.update(seeds="0"), "seeds"),
+    (lambda c: c["grid"][1]["rules"].append("kp"), "grid[1]"),  # kp with the matched variant
+    (lambda c: c["resources"].update(runs_per_gpu=0) if "resources" in c else c.update(
+        resources={"runs_per_gpu": 0}), "resources.runs_per_gpu"),
 ])
 def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
     config = json.loads(json.dumps(TINY))
@@ -104,7 +107,7 @@ def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
 
 
 def test_shipped_configs_plan(tmp_path):
-    for name, runs in (("config.yaml", 27), ("cifar10.yaml", 3 * (3 + 36 + 16 + 1 + 4)), ("depth.yaml", 252)):
+    for name, runs in (("config.yaml", 36), ("cifar10.yaml", 3 * (3 + 36 + 16 + 1 + 4 + 9)), ("depth.yaml", 288)):
         process = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / name))
         assert job_counts(process.stdout)["train"] == runs, process.stdout[-2000:]
 
@@ -117,7 +120,7 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     config["datasets"]["imagenet"]["path"] = str(imagenet)
     path = write_config(tmp_path, config, "imagenet.yaml")
     process = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
-    assert job_counts(process.stdout)["train"] == 54 and "prepare_imagenet" in process.stdout
+    assert job_counts(process.stdout)["train"] == 69 and "prepare_imagenet" in process.stdout
     # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them.
     assert "torchrun --standalone --nproc-per-node 8 -m feedback_alignment train --threads 8 " in process.stdout
     assert "gpu=8" in process.stdout
@@ -141,5 +144,5 @@ def test_slurm_profile_plans_the_grid_without_slurm(tmp_path):
                         "--configfile", str(REPO / "config" / "cifar10.yaml"))
     out = process.stdout
     counts = job_counts(out)
-    assert counts["train"] == 180 and counts["evaluate"] == 180
+    assert counts["train"] == 207 and counts["evaluate"] == 207
     assert "gpu=1" in out and "slurm_partition=gpu" in out

@@ -24,18 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from .convert import convert
+from .mirror import mirror_layers, mirror_step
 from .models import build_model
-from .rules import RULES, SCALES
+from .rules import RULES, SCALES, get_rule
 
 
 def _make_step(model, images, labels, compile_model: bool):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     forward = torch.compile(model) if compile_model else model
+    mirrors = bool(mirror_layers(model))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(forward(images), labels).backward()
         optimizer.step()
+        if mirrors:  # wm's mirror phase is part of its training step
+            mirror_step(model)
     return step
 
 
@@ -55,7 +59,9 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
     # A second unconverted copy shows the noise floor: its ratio would be 1.000 on a quiet machine.
     variants = {"plain": copy.deepcopy(base), "plain2": copy.deepcopy(base)}
     for rule in rules:
-        variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=scale, seed=0)
+        # Rules with learned or direct feedback take no scale: they run with 'none'.
+        rule_scale = scale if get_rule(rule).scalable else "none"
+        variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=rule_scale, seed=0)
     steps = {name: _make_step(model.to(device, memory_format=memory_format).train(), images, labels,
                               compile_model)
              for name, model in variants.items()}

@@ -4,8 +4,8 @@
     ... after each optimizer step:
     fa.mirror.mirror_step(model)
 
-In a mirror phase between training steps every wm layer takes white noise x (unit variance) at
-its input and observes its own linear response y = W x (no bias, no padding). For white noise
+In a mirror phase between training steps every wm layer takes white noise x at its input
+(zero mean, unit variance; uniform, which a CPU draws far faster than Gaussian noise) and observes its own linear response y = W x (no bias, no padding). For white noise
 E[y x^T] = W, so W_hat = y x^T / n over n noise vectors (for a convolution: every output
 position of every noise image) is an unbiased estimate, and
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import feedback_layers
-from .draws import stream_seed
+from .draws import fast_uniform_
 
 MIRROR_POSITIONS = 8  # output positions per side of a conv noise image: 64 samples per image
 
@@ -33,7 +33,7 @@ def mirror_layers(model: nn.Module) -> list:
 
 
 @torch.no_grad()
-def mirror_step(model: nn.Module, lr: float = 0.1, decay: float = 0.1, batch_size: int = 64) -> int:
+def mirror_step(model: nn.Module, lr: float = 0.05, decay: float = 0.05, batch_size: int = 16) -> int:
     """One mirror phase for every wm layer of `model`; returns how many layers it updated."""
     layers = mirror_layers(model)
     for layer in layers:
@@ -42,13 +42,14 @@ def mirror_step(model: nn.Module, lr: float = 0.1, decay: float = 0.1, batch_siz
     return len(layers)
 
 
+UNIT_VARIANCE_BOUND = 3 ** 0.5  # U(-sqrt 3, sqrt 3) has variance 1
+
+
 def _noise(layer, shape) -> torch.Tensor:
-    weight = layer.weight
     draw = int(layer.feedback_draws)
     layer.feedback_draws.add_(1)
-    generator = torch.Generator(device=weight.device)
-    generator.manual_seed(stream_seed(layer.seed, layer.layer_name, draw))
-    return torch.randn(shape, generator=generator, device=weight.device, dtype=torch.float32)
+    noise = torch.empty(shape, device=layer.weight.device, dtype=torch.float32)
+    return fast_uniform_(noise, -UNIT_VARIANCE_BOUND, UNIT_VARIANCE_BOUND, layer.seed, layer.layer_name, draw)
 
 
 def _weight_estimate(layer, batch_size: int) -> torch.Tensor:

@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="every N steps (and before the first), log per-layer alignment with backprop on a "
              "fixed validation batch to alignment.csv; 0 = never")
     add("--alignment-batch", type=int, default=128, help="images in the alignment probe batch")
-    add("--mirror-lr", type=float, default=0.1, help="wm: B <- (1 - decay) B + lr W_hat per step")
-    add("--mirror-decay", type=float, default=0.1, help="wm: see --mirror-lr")
-    add("--mirror-batch", type=int, default=64, help="wm: noise inputs per layer per mirror phase")
+    add("--mirror-lr", type=float, default=0.05, help="wm: B <- (1 - decay) B + lr W_hat per mirror phase")
+    add("--mirror-decay", type=float, default=0.05, help="wm: see --mirror-lr")
+    add("--mirror-batch", type=int, default=16,
+        help="wm: noise images per layer per mirror phase (64 positions each; linear layers get "
+             "as many noise vectors as that makes)")
+    add("--mirror-every", type=int, default=1, help="wm: training steps between mirror phases")
     add("--workers", type=int, default=None, help="imagenet DataLoader workers (default: threads)")
     return p
 
@@ -384,16 +387,16 @@ def _run(args, world: World, device_name: str) -> dict:
                     loss = F.cross_entropy(logits, labels)
                 loss.backward()
                 optimizer.step()
-                if mirrors:  # weight mirrors: B learns from noise between training steps
+                state["step"] += 1
+                if mirrors and state["step"] % args.mirror_every == 0:  # wm: B learns from noise
                     mirror_step(model, args.mirror_lr, args.mirror_decay, args.mirror_batch)
                 sums["loss"] += loss.detach().float() * labels.shape[0]
                 # Where the loss first went non-finite, recorded on the device without a sync.
                 sums["first_bad_step"] = torch.where(
                     (sums["first_bad_step"] < 0) & ~torch.isfinite(loss.detach()),
-                    state["step"] + 1, sums["first_bad_step"])
+                    state["step"], sums["first_bad_step"])
                 sums["wrong"] += (logits.detach().argmax(1) != labels).sum()
                 sums["seen"] += labels.shape[0]
-                state["step"] += 1
                 progress.update(1)
                 if probe is not None and state["step"] % args.alignment_every == 0:
                     measure_alignment(epoch + 1)

@@ -66,6 +66,13 @@ def _check_names(config):
         if scale not in feedback_alignment.SCALES:
             _config_error(f"variants.{name}.scale", f"unknown scale {scale!r}; choose from "
                           f"{', '.join(feedback_alignment.SCALES)}")
+    for index, block in enumerate(config["grid"]):  # rules that take no feedback scale
+        for rule_name, variant in itertools.product(block["rules"], block["variants"]):
+            try:
+                feedback_alignment.rules.check_scale(config["variants"][variant].get("scale", "none"),
+                                                     feedback_alignment.get_rule(rule_name))
+            except ValueError as error:
+                _config_error(f"grid[{index}]", f"variant {variant!r}: {error}")
     if "imagenet" in config["datasets"]:
         path = config["datasets"]["imagenet"]["path"]
         if not os.path.isdir(path):
@@ -163,6 +170,9 @@ def train_flags(wildcards):
         flags.append("--exclude " + " ".join(s["exclude"]))
     if s.get("alignment_every"):
         flags.append(f"--alignment-every {s['alignment_every']}")
+    if wildcards.learning_rule == "wm":
+        flags.append(f"--mirror-lr {s['mirror_lr']} --mirror-decay {s['mirror_decay']} "
+                     f"--mirror-batch {s['mirror_batch']} --mirror-every {s['mirror_every']}")
     if s.get("max_batches"):
         flags.append(f"--max-batches {s['max_batches']}")
     if "crop" in s:
