@@ -214,7 +214,7 @@ def test_weight_mirrors_bring_b_to_w():
 def test_weight_mirror_fixed_point_is_lr_over_decay_times_w():
     model = mirror_model()
     for _ in range(150):
-        fa.mirror.mirror_step(model, lr=0.2, decay=0.1)
+        fa.mirror.mirror_step(model, lr=0.2, decay=0.1, batch_size=64)
     for name, layer in fa.feedback_layers(model):
         torch.testing.assert_close(layer.feedback_weight, 2 * layer.weight.detach(), rtol=0, atol=0.15 * float(
             layer.weight.detach().abs().max()), msg=name)

@@ -64,7 +64,13 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
             axis.grid(True, which="both", alpha=0.3)
             if column == 0:
                 axis.set_ylabel("test error (%, log scale)")
-    axes[0][-1].legend(title="rule", fontsize=8)
+    # Every rule of every panel in one legend: a rule may run with one variant only.
+    entries = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    labels = _rule_order(entries)
+    axes[0][-1].legend([entries[label] for label in labels], labels, title="rule", fontsize=8)
     seeds = history.groupby(["dataset", "arch", "rule", "variant"])["seed"].nunique()
     count = str(seeds.min()) if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
     figure.suptitle(f"Test error during training (line: mean over {count} seeds, band: best to worst seed)",
@@ -166,6 +172,11 @@ def per_layer_over_training(alignment: pd.DataFrame, path: Path, columns: list[t
         for col, rule in enumerate(rules):
             axis = axes[row][col]
             here = group[group.rule == rule]
+            if here.empty:  # this rule did not run with this variant
+                axis.text(0.5, 0.5, f"no {rule} runs\nwith variant {variant}", ha="center",
+                          va="center", transform=axis.transAxes, color="gray", fontsize=8)
+                axis.set_axis_off()
+                continue
             layers = list(dict.fromkeys(here.layer))
             for color, layer in zip(_layer_colors(len(layers)), layers):
                 curve = here[here.layer == layer].groupby("step")[column].mean()
