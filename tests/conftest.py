@@ -1,8 +1,10 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import feedback_alignment as fa
 
@@ -32,3 +34,24 @@ SCALABLE_RULES = tuple(r for r in fa.RULES if fa.get_rule(r).scalable)
 def scale_for(rule: str, wanted: str = "match") -> str:
     """The feedback scale a test asks for, or 'none' for a rule that takes none."""
     return wanted if fa.get_rule(rule).scalable else "none"
+
+
+@pytest.fixture
+def float64():
+    """Exact comparisons in double precision (use with pytest.mark.usefixtures)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def train_digits(tmp_path: Path, *flags: str) -> dict:
+    """Prepare the digits data, run the real train CLI with `flags`, return its result.json."""
+    from feedback_alignment import data
+    data.prepare_digits(tmp_path / "digits.pt")
+    out = tmp_path / "run"
+    process = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
+                              "--data", str(tmp_path / "digits.pt"), "--out", str(out), *flags],
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())

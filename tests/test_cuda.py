@@ -1,8 +1,5 @@
 """The same checks on a GPU: run where CUDA is available, skipped elsewhere."""
 import copy
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import feedback_alignment as fa
-from feedback_alignment import data
 from feedback_alignment.models import build_model
-from conftest import LAYER_RULES, scale_for
+from conftest import LAYER_RULES, scale_for, train_digits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -61,15 +57,8 @@ def test_bf16_channels_last_training_step_on_cuda(rule):
 
 
 def test_train_cli_on_cuda_defaults_to_bf16_and_channels_last(tmp_path):
-    data.prepare_digits(tmp_path / "digits.pt")
-    out = tmp_path / "run"
-    process = subprocess.run(
-        [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
-         "--data", str(tmp_path / "digits.pt"), "--out", str(out), "--arch", "convnet", "--depth", "3",
-         "--rule", "brsf", "--scale", "match", "--epochs", "3", "--batch-size", "64", "--device", "cuda"],
-        capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
+    result = train_digits(tmp_path, "--arch", "convnet", "--depth", "3", "--rule", "brsf", "--scale", "match",
+                          "--epochs", "3", "--batch-size", "64", "--device", "cuda")
     assert result["placement"]["precision"] == "bf16" and result["placement"]["channels_last"]
     assert result["provenance"]["device"].startswith("cuda")
     assert result["final_val_error"] < 30

@@ -12,13 +12,7 @@ import feedback_alignment as fa
 from feedback_alignment.alignment import angle_degrees, measure
 from feedback_alignment.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def mlp():

@@ -3,21 +3,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import feedback_alignment as fa
 from conftest import LAYER_RULES, scale_for
 
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Exact comparisons in double precision; float32 and bf16 paths are tested elsewhere."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+# Exact comparisons in double precision; float32 and bf16 paths are tested elsewhere.
+pytestmark = pytest.mark.usefixtures("float64")
 
 CONV_CONFIGS = [
     dict(in_channels=3, out_channels=5, kernel_size=3),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import feedback_alignment as fa
-from conftest import LAYER_RULES, scale_for
+from conftest import LAYER_RULES, scale_for, train_digits
 from feedback_alignment.models import build_model
 
 
@@ -64,20 +64,10 @@ def test_channels_last_gives_the_contiguous_gradients(rule):
 
 
 def test_train_cli_under_bf16_channels_last_and_compile(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from feedback_alignment import data
-    data.prepare_digits(tmp_path / "digits.pt")
-    out = tmp_path / "run"
-    process = subprocess.run(
-        [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
-         "--data", str(tmp_path / "digits.pt"), "--out", str(out), "--arch", "convnet", "--depth", "2",
-         "--width", "8", "--rule", "frsf", "--scale", "match", "--epochs", "2", "--batch-size", "64",
-         "--max-batches", "4", "--device", "cpu", "--threads", "1", "--precision", "bf16",
-         "--channels-last", "--compile"], capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
+    result = train_digits(tmp_path, "--arch", "convnet", "--depth", "2", "--width", "8", "--rule", "frsf",
+                          "--scale", "match", "--epochs", "2", "--batch-size", "64", "--max-batches", "4",
+                          "--device", "cpu", "--threads", "1", "--precision", "bf16", "--channels-last",
+                          "--compile")
     assert result["placement"] == dict(world_size=1, precision="bf16", channels_last=True, compile=True)
     assert result["status"] == "completed" and result["final_train_loss"] < 2.3  # ln(10): it learned
 
