@@ -38,6 +38,16 @@ def _rule_order(rules) -> list[str]:
     return sorted(set(rules), key=lambda r: RULES.index(r) if r in RULES else len(RULES))
 
 
+def _legend_of_every_rule(axes, where, **options) -> None:
+    """One legend with the rules of all panels: a rule may have run with one variant only."""
+    entries = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    labels = _rule_order(entries)
+    where.legend([entries[label] for label in labels], labels, **options)
+
+
 def test_error_curves(history: pd.DataFrame, path: Path) -> None:
     panels = history[["dataset", "arch"]].drop_duplicates().values.tolist()
     variants = [v for v in history["variant"].drop_duplicates() if
@@ -64,13 +74,7 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
             axis.grid(True, which="both", alpha=0.3)
             if column == 0:
                 axis.set_ylabel("test error (%, log scale)")
-    # Every rule of every panel in one legend: a rule may run with one variant only.
-    entries = {}
-    for axis in axes.flat:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    labels = _rule_order(entries)
-    axes[0][-1].legend([entries[label] for label in labels], labels, title="rule", fontsize=8)
+    _legend_of_every_rule(axes, axes[0][-1], title="rule", fontsize=8)
     seeds = history.groupby(["dataset", "arch", "rule", "variant"])["seed"].nunique()
     count = str(seeds.min()) if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
     figure.suptitle(f"Test error during training (line: mean over {count} seeds, band: best to worst seed)",
@@ -272,7 +276,10 @@ def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
     for row in axes:
         row[0].set_ylabel("final test error (%, log)")
-    axes[0][-1].legend(fontsize=8)
+    if len(variants) < rows * columns:  # a free slot: the legend goes there, off the data
+        _legend_of_every_rule(axes, axes[-1][-1], title="rule", fontsize=9, loc="center")
+    else:
+        _legend_of_every_rule(axes, axes[0][-1], title="rule", fontsize=8)
     figure.suptitle("Final test error against depth (mean over seeds, whiskers: min-max)", fontsize=11)
     figure.tight_layout()
     save_figure(path, figure)
