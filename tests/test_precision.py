@@ -38,7 +38,7 @@ def test_bf16_autocast_trains_and_matches_the_bf16_reference(rule):
     torch.testing.assert_close(x.grad, expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("rule", ["fa", "frsf"])
+@pytest.mark.parametrize("rule", ["fa", "frsf", "dfa", "kp"])
 def test_torch_compile_gives_the_eager_gradients(rule):
     eager = _model(rule)
     compiled_model = copy.deepcopy(eager)

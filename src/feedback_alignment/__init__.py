@@ -3,9 +3,8 @@
     import feedback_alignment as fa
     model = fa.convert(model, rule="frsf", scale="match", seed=0)
 """
-from . import alignment, optim
+from . import alignment, mirror, optim
 from .convert import convert, feedback_layers
-from . import mirror
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .rules import RULES, SCALES, get_rule
 

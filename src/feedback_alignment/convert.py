@@ -21,7 +21,8 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     by a layer that sends the error back through feedback of the given rule.
 
     The new layers keep the original Parameter objects, so an optimizer built before conversion
-    still trains them. Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
+    still trains them. (Kolen-Pollack adds each layer's B as a Parameter: for rule="kp" build the
+    optimizer after conversion. dfa adds hooks on `model` that read the error of its output.) Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
     Only exact nn.Conv2d / nn.Linear are converted: a subclass may compute its forward differently.
     """
     check_scale(scale, get_rule(rule))
