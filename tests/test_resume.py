@@ -163,3 +163,15 @@ def test_checkpoint_of_another_code_version_is_refused(tmp_path):
         pytest.skip("not running from a git checkout")
     with pytest.raises(train.CheckpointMismatch, match="written by code version 0123abc"):
         train.check_checkpoint({**current, "git_sha": "0123abc"}, config, tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("rule", ["dfa", "kp", "wm"])
+def test_learned_and_direct_feedback_resume_exactly(rule, digits, tmp_path):
+    # dfa's lazily drawn B, kp's B in the optimizer state, wm's B and its noise stream position.
+    flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2")
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    finish(train_command(digits, straight, *flags))
+    returncode, stderr = interrupt_after_first_epoch(train_command(digits, out, *flags), out, signal.SIGTERM, 0.05)
+    assert returncode == 1, stderr[-2000:]
+    finish(train_command(digits, out, *flags))
+    assert_same_run(out, straight)
