@@ -5,7 +5,8 @@ from typing import Iterable
 
 from torch import nn
 
-from .layers import DirectFeedbackSource, FeedbackLayer, from_module
+from .direct import DirectFeedbackSource
+from .layers import FeedbackLayer, from_module
 from .rules import check_scale, get_rule
 
 CONVERTIBLE = (nn.Conv2d, nn.Linear)
