@@ -126,12 +126,12 @@ def test_gpu_slots_spread_runs_over_gpus_then_double_up(tmp_path, monkeypatch):
     gpus = ["GPU-aaa", "GPU-bbb"]
     claims = [claim_gpu_slot(gpus, runs_per_gpu=2) for _ in range(4)]
     assert [index for index, _ in claims] == [0, 1, 0, 1]
-    # All four slots are taken: a fifth run in another process waits until one is given back.
+    # All four slots are taken: a fifth run in another process says so and waits...
     waiter = subprocess.Popen(
         [sys.executable, "-c", "from feedback_alignment.distributed import claim_gpu_slot; "
          "print(claim_gpu_slot(['GPU-aaa', 'GPU-bbb'], 2, poll_seconds=0.05)[0])"],
-        stdout=subprocess.PIPE, text=True, env={**__import__("os").environ})
-    with pytest.raises(subprocess.TimeoutExpired):
-        waiter.wait(timeout=1.0)
-    claims[1][1].close()  # the run on GPU-bbb, slot 0 ends
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "waiting for a free GPU: 2 run(s) per GPU already use all 2" in waiter.stderr.readline()
+    assert waiter.poll() is None
+    claims[1][1].close()  # ...until the run on GPU-bbb, slot 0 ends, and takes its place.
     assert waiter.communicate(timeout=30)[0].strip() == "1"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def claim_gpu_slot(device_ids: list[str], runs_per_gpu: int, poll_seconds: float
     to different GPUs of one node never contend."""
     directory = lock_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    told = False
     while True:
         for slot in range(runs_per_gpu):  # fill every GPU once before doubling up
             for index, device_id in enumerate(device_ids):
@@ -107,6 +109,11 @@ def claim_gpu_slot(device_ids: list[str], runs_per_gpu: int, poll_seconds: float
                 handle.write(f"{os.getpid()}\n")
                 handle.flush()
                 return index, handle
+        if not told:
+            print(f"waiting for a free GPU: {runs_per_gpu} run(s) per GPU already use all "
+                  f"{len(device_ids)} (--runs-per-gpu to share more, --device cuda:K to pick one)",
+                  file=sys.stderr, flush=True)
+            told = True
         time.sleep(poll_seconds)
 
 
