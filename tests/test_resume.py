@@ -130,6 +130,8 @@ def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
     (["--arch", "nonet"], "train: unknown arch 'nonet'"),
     (["--exclude", "clasifier"], "train: exclude names 'clasifier'"),
     (["--crop", "40"], "train: --crop 40 is larger than the padded digits images"),
+    (["--rule", "kp"], "train: rule 'kp' takes scale 'none', not 'match': its B is learned"),
+    (["--runs-per-gpu", "0"], "train: --runs-per-gpu 0 must be at least 1"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(digits, tmp_path, extra, message):
     out = tmp_path / "run"
@@ -138,7 +140,7 @@ def test_cli_user_errors_are_one_line_without_traceback(digits, tmp_path, extra,
     assert process.returncode == 1
     assert process.stderr.strip().splitlines()[-1].startswith(message), process.stderr[-500:]
     assert "Traceback" not in process.stderr
-    assert not out.exists() or not any(out.iterdir())  # nothing half-written left behind
+    assert not out.exists()  # a refused run leaves nothing behind, not even its folder
 
 
 def test_evaluate_and_summarize_user_errors(tmp_path):

@@ -295,7 +295,6 @@ def _run(args, world: World, device_name: str) -> dict:
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "command"}
     config["arch_label"] = args.arch_label or args.arch
     loaders = make_loaders(args, device, world)
@@ -319,6 +318,7 @@ def _run(args, world: World, device_name: str) -> dict:
             broadcast_buffers=False)
     topk = reported_topk(loaders.num_classes)
     stop = StopRequest()
+    out.mkdir(parents=True, exist_ok=True)  # only once the run can start: a refused one leaves nothing
 
     # Everything a resumed run needs besides model and optimizer.
     state = dict(epoch=0, batches=None, sums=None, step=0, history=[], best_val=math.inf,
