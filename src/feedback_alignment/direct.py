@@ -26,17 +26,16 @@ class DirectFeedbackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, feedback, error, layer_name, conv_args):
-        ctx.save_for_backward(input, feedback)
+        ctx.save_for_backward(input, weight, feedback)
         ctx.error, ctx.layer_name, ctx.conv_args = error, layer_name, conv_args
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.weight_shape = weight.shape
         if conv_args is None:
             return F.linear(input, weight, bias)
         return F.conv2d(input, weight, bias, *conv_args)
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, feedback = ctx.saved_tensors
+        input, weight, feedback = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         if ctx.conv_args is None:
@@ -47,9 +46,9 @@ class DirectFeedbackFunction(torch.autograd.Function):
                 grad_bias = flat_grad.sum(0)
         elif need_weight or need_bias:
             stride, padding, dilation, groups = ctx.conv_args
-            # The weight's values do not enter its own gradient; an empty stand-in of its shape does.
+            # No input gradient asked for: W only gives the weight gradient its shape.
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_output, input, input.new_empty(ctx.weight_shape), ctx.bias_sizes,
+                grad_output, input, weight, ctx.bias_sizes,
                 stride, padding, dilation, False, [0, 0], groups,
                 [False, need_weight, need_bias and ctx.bias_sizes is not None])
         if need_input:
