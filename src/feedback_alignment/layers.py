@@ -144,13 +144,17 @@ class FeedbackLayer:
             self.feedback_gain.copy_(self._norm_ratio())
 
     # -- random draws ---------------------------------------------------------------------
-    def _draw_uniform(self, tensor: Tensor, low: float, high: float) -> None:
+    def _draw_uniform(self, tensor: Tensor, low: float, high: float,
+                      per_step: bool | None = None) -> Tensor:
         """Fill `tensor` with the layer's next draw from U(low, high). Draws made before every
-        step (brsf) take the cheap 15-bit path; draws made once keep full precision."""
+        step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 15-bit path; draws
+        made once keep full precision. By default the rule's randomness says which."""
         draw = int(self.feedback_draws)
         self.feedback_draws.add_(1)
-        fill = draws.fast_uniform_ if self.rule.randomness == "every_step" else draws.uniform_
-        fill(tensor, low, high, self.seed, self.layer_name, draw)
+        if per_step is None:
+            per_step = self.rule.randomness == "every_step"
+        fill = draws.fast_uniform_ if per_step else draws.uniform_
+        return fill(tensor, low, high, self.seed, self.layer_name, draw)
 
     # -- per-step work --------------------------------------------------------------------
     def _write_raw_feedback(self) -> None:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import feedback_layers
-from .draws import fast_uniform_
 
 MIRROR_POSITIONS = 8  # output positions per side of a conv noise image: 64 samples per image
 
@@ -46,10 +45,9 @@ UNIT_VARIANCE_BOUND = 3 ** 0.5  # U(-sqrt 3, sqrt 3) has variance 1
 
 
 def _noise(layer, shape) -> torch.Tensor:
-    draw = int(layer.feedback_draws)
-    layer.feedback_draws.add_(1)
+    """The layer's next noise draw, from its own seeded stream (and draw counter)."""
     noise = torch.empty(shape, device=layer.weight.device, dtype=torch.float32)
-    return fast_uniform_(noise, -UNIT_VARIANCE_BOUND, UNIT_VARIANCE_BOUND, layer.seed, layer.layer_name, draw)
+    return layer._draw_uniform(noise, -UNIT_VARIANCE_BOUND, UNIT_VARIANCE_BOUND, per_step=True)
 
 
 def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
