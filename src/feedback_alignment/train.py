@@ -298,6 +298,10 @@ def _run(args, world: World, device_name: str) -> dict:
     config = {key: value for key, value in vars(args).items() if key != "command"}
     config["arch_label"] = args.arch_label or args.arch
     loaders = make_loaders(args, device, world)
+    per_epoch = loaders.train_batches_per_epoch()
+    if per_epoch == 0:
+        raise ValueError(f"no training batch: the {args.dataset} training split is smaller than "
+                         f"--batch-size {args.batch_size}")
     model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size)
     model = model.to(device, memory_format=memory_format)
     if world.distributed and device.type == "cuda":
@@ -360,7 +364,6 @@ def _run(args, world: World, device_name: str) -> dict:
         return tuple(world.any([stop.signal is not None, not torch.isfinite(sums["loss"])], device))
 
     status, diverged_at = "completed", None
-    per_epoch = loaders.train_batches_per_epoch()
     if probe is not None and state["step"] == 0 and not state["alignment"]:
         measure_alignment(0)  # at initialization
     with tqdm(total=args.epochs * per_epoch, initial=min(state["step"], args.epochs * per_epoch),
@@ -400,12 +403,13 @@ def _run(args, world: World, device_name: str) -> dict:
                 progress.update(1)
                 if probe is not None and state["step"] % args.alignment_every == 0:
                     measure_alignment(epoch + 1)
-                # One process checks every step (no communication); ranks agree every few steps.
-                if world.distributed and state["step"] % DIVERGENCE_CHECK_EVERY:
-                    continue
-                signalled, non_finite = (should_stop(sums) if world.distributed else (
-                    stop.signal is not None,
-                    state["step"] % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(sums["loss"])))
+                # One process sees a stop signal at once; ranks agree on both every few steps.
+                check_now = state["step"] % DIVERGENCE_CHECK_EVERY == 0
+                if world.distributed:
+                    signalled, non_finite = should_stop(sums) if check_now else (False, False)
+                else:
+                    signalled = stop.signal is not None
+                    non_finite = check_now and not torch.isfinite(sums["loss"])
                 if non_finite:
                     break
                 if signalled:
@@ -417,16 +421,14 @@ def _run(args, world: World, device_name: str) -> dict:
                                      f"{state['step']}: checkpoint saved to {checkpoint_path}; rerun to resume")
             seconds = state["epoch_seconds"] + time.perf_counter() - start
             loss_sum, wrong, seen = world.sum([float(sums["loss"]), int(sums["wrong"]), sums["seen"]], device)
-            seen = max(seen, 1)
             train_loss, train_error = loss_sum / seen, 100.0 * wrong / seen
             if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
                 bad_step = int(sums["first_bad_step"])
                 status, diverged_at = "diverged", dict(epoch=epoch + 1,
                                                        step=bad_step if bad_step > 0 else state["step"])
                 break
-            evaluation_model = compiled
-            (val_error, *_), _ = evaluate(evaluation_model, loaders.eval("val"), topk, world, device, precision)
-            (test_error, *_), _ = evaluate(evaluation_model, loaders.eval("test"), topk, world, device, precision)
+            (val_error, *_), _ = evaluate(compiled, loaders.eval("val"), topk, world, device, precision)
+            (test_error, *_), _ = evaluate(compiled, loaders.eval("test"), topk, world, device, precision)
             state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
                                          val_error=val_error, test_error=test_error, lr=lr,
                                          images=int(seen), seconds=seconds, images_per_s=seen / seconds))
