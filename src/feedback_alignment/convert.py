@@ -23,10 +23,12 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
 
     The new layers keep the original Parameter objects, so an optimizer built before conversion
     still trains them. (Kolen-Pollack adds each layer's B as a Parameter: for rule="kp" build the
-    optimizer after conversion. dfa adds hooks on `model` that read the error of its output.) Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
+    optimizer after conversion. dfa adds hooks on `model` that read the error of its output.)
+    Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
     Only exact nn.Conv2d / nn.Linear are converted: a subclass may compute its forward differently.
     """
-    check_scale(scale, get_rule(rule))
+    rule_spec = get_rule(rule)
+    check_scale(scale, rule_spec)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     named = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in named}
@@ -44,7 +46,7 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     if not targets:
         raise ValueError(f"nothing to convert: {type(model).__name__} has no nn.Conv2d or nn.Linear"
                          + (f" outside exclude={list(exclude)}" if exclude else ""))
-    source = _direct_feedback_source(model) if get_rule(rule).signal == "direct" else None
+    source = _direct_feedback_source(model) if rule_spec.signal == "direct" else None
     for name, module in targets:
         layer = converted.get(id(module))
         if layer is None:
