@@ -246,6 +246,28 @@ def test_batch_manhattan_by_hand():
         fa.optim.BatchManhattan([param], lr=-1)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_signed_fast_draw_equals_the_fast_draw_times_the_sign(channels_last):
+    # brsf's fused draw must give, bit for bit, fast_uniform_'s magnitudes times torch.sign(W),
+    # zeros of W included.
+    from feedback_alignment import draws
+
+    weight = torch.randn(40, 8, 3, 3)
+    weight[0, :, 0, 0] = 0.0
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    expected = draws.fast_uniform_(torch.empty(weight.shape), 0.0, 0.3, 5, "conv", 2) * torch.sign(weight)
+    signed = draws.fast_uniform_times_sign_(torch.empty_like(weight), 0.3, weight, 5, "conv", 2)
+    assert torch.equal(signed, expected)
+    assert (signed[0, :, 0, 0] == 0).all() and (signed.sign() == weight.sign()).all()
+
+
+def test_a_signed_draw_refuses_magnitudes_that_do_not_start_at_zero():
+    layer = fa.convert(nn.Sequential(nn.Linear(3, 2)), rule="brsf", seed=0)[0]
+    with pytest.raises(ValueError, match="magnitudes from 0, not -1"):
+        layer._draw_uniform(torch.empty(2, 3), -1.0, 1.0, sign_of=layer.weight.detach())
+
+
 def test_draws_are_uniform_and_independent_of_thread_count():
     from feedback_alignment import draws
 

@@ -3,13 +3,12 @@
 Every draw is identified by (seed, layer name, draw index); it is made in chunks of DRAW_CHUNK
 entries, each from its own generator seeded by a hash of that identity and the chunk index. So
 the same seed gives the same B whatever else consumed random numbers, a resumed run continues
-the stream from the draw counter, DDP ranks agree without communicating, and a CPU can fill the
-chunks on all its threads without the values depending on the thread count.
+the stream from the draw counter, DDP ranks agree without communicating, and the values never
+depend on how many threads a machine has (or would use to fill the chunks).
 """
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -20,7 +19,6 @@ DRAW_CHUNK = 1 << 18
 # values. 32768 levels of U(low, high) are far finer than any effect of the magnitude distribution.
 FAST_BITS = 15
 
-_pool: ThreadPoolExecutor | None = None
 _workspaces: dict[tuple, Tensor] = {}
 
 
@@ -31,16 +29,11 @@ def stream_seed(seed: int, layer_name: str, draw: int, chunk: int = 0) -> int:
 
 
 def _for_each_chunk(tensor: Tensor, chunk_size: int, fill) -> None:
-    global _pool
-    chunks = list(enumerate(tensor.view(-1).split(chunk_size)))
-    if tensor.device.type == "cpu" and len(chunks) > 1 and torch.get_num_threads() > 1:
-        # torch's CPU generator fills on one thread; spread the chunks over the cores.
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads())
-        list(_pool.map(fill, chunks))
-    else:
-        for chunk in chunks:
-            fill(chunk)
+    # One thread, chunk after chunk. Spreading the chunks over a thread pool was slower on a
+    # 2-core CPU: OpenMP's workers keep spinning for a while after every parallel region (the
+    # training step's own ops) and take the cores the pool's threads need (BENCHMARKS.md).
+    for chunk in enumerate(tensor.view(-1).split(chunk_size)):
+        fill(chunk)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -81,30 +74,41 @@ def workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buffer[:numel].view(shape)
 
 
-def workspace_like(tensor: Tensor) -> Tensor:
-    """A scratch tensor with `tensor`'s shape and memory layout (channels_last included), so that
-    element-wise work between the two runs in one dense pass. Under torch.compile a plain new
-    tensor: the compiler plans its own memory (and cannot trace writes through as_strided)."""
-    if torch.compiler.is_compiling():
-        return torch.empty_like(tensor)
-    scratch = workspace((tensor.numel(),), tensor.dtype, tensor.device)
-    dense = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
-    return scratch.as_strided(tensor.shape, tensor.stride()) if dense else scratch.view(tensor.shape)
-
-
-def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
-    """Fill `tensor` with U(low, high) at 2^15 levels: low + (k + 1/2) (high - low) / 2^15, k uniform
-    on {0, ..., 2^15 - 1}, four values per 63-bit generator call (the low 15 bits of each 16)."""
-    if (done := _in_logical_order(fast_uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
-        return done
-    numel = tensor.numel()
-    words = workspace(((numel + 3) // 4,), torch.int64, tensor.device)
+def _fast_levels(numel: int, seed: int, layer_name: str, draw: int, device) -> Tensor:
+    """numel integers uniform on {0, ..., 2^15 - 1}, as int16 in a workspace: four per 63-bit
+    generator call (the low 15 bits of each 16)."""
+    words = workspace(((numel + 3) // 4,), torch.int64, device)
 
     def fill(indexed):
         index, chunk = indexed
         chunk.random_(generator=_generator(chunk.device, stream_seed(seed, layer_name, draw, index)))
     _for_each_chunk(words, DRAW_CHUNK // 4, fill)
-    levels = words.view(torch.int16)[:numel].bitwise_and_((1 << FAST_BITS) - 1)
+    return words.view(torch.int16)[:numel].bitwise_and_((1 << FAST_BITS) - 1)
+
+
+def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
+    """Fill `tensor` with U(low, high) at 2^15 levels: low + (k + 1/2) (high - low) / 2^15, k uniform
+    on {0, ..., 2^15 - 1}."""
+    if (done := _in_logical_order(fast_uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
+        return done
+    levels = _fast_levels(tensor.numel(), seed, layer_name, draw, tensor.device)
     tensor.view(-1).copy_(levels)
     step = (high - low) / (1 << FAST_BITS)
     return tensor.add_(0.5).mul_(step).add_(low) if low else tensor.add_(0.5).mul_(step)
+
+
+def fast_uniform_times_sign_(tensor: Tensor, high: float, sign_of: Tensor, seed: int, layer_name: str,
+                             draw: int) -> Tensor:
+    """Fill `tensor` with fast_uniform_'s U(0, high) draw times sign(sign_of), the same values to
+    the bit, in fewer passes: with k the levels and s = sign(sign_of), s + 2 s k = s (2k + 1) in
+    one addcmul, which times high / 2^16 is s (k + 1/2) high / 2^15."""
+    if not tensor.is_contiguous():  # draws follow the logical order of entries (_in_logical_order)
+        contiguous = fast_uniform_times_sign_(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device),
+                                              high, sign_of.contiguous(), seed, layer_name, draw)
+        return tensor.copy_(contiguous)
+    levels = _fast_levels(tensor.numel(), seed, layer_name, draw, tensor.device)
+    # k as floats first: an addcmul mixing int16 and float takes a slow element-wise cast (4x).
+    tensor.view(-1).copy_(levels)
+    signs = torch.sign(sign_of, out=workspace(tensor.shape, tensor.dtype, tensor.device))
+    torch.addcmul(signs, signs, tensor, value=2, out=tensor)
+    return tensor.mul_(high / (1 << (FAST_BITS + 1)))

@@ -23,16 +23,24 @@ from . import draws
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
 from .rules import Rule, check_scale, default_init_bound, get_rule
 
+# The overload itself: calling the packet resolves it anew on every call.
+_convolution_backward = torch.ops.aten.convolution_backward.default
 
-def _apply_gain(feedback: Tensor, gain: Tensor, grad_output: Tensor):
-    """(B, factor for the input gradient): scale whichever tensor is smaller."""
-    if feedback.numel() <= grad_output.numel():
-        return feedback * gain.to(feedback.dtype), None
+
+def _apply_gain(feedback: Tensor, gain: Tensor | None, grad_input_numel: int):
+    """(B, factor for the input gradient): B = direction * gain is linear in the gain, so scale
+    whichever is smaller, the direction or the input gradient. No gain (scale "none"): B as is."""
+    if gain is None:
+        return feedback, None
+    if gain.dtype != feedback.dtype:
+        gain = gain.to(feedback.dtype)
+    if feedback.numel() <= grad_input_numel:
+        return feedback * gain, None
     return feedback, gain
 
 
 # In both Functions, `direction` needs a gradient only under Kolen-Pollack, and then it is the
-# weight's gradient: computed once, handed to both.
+# weight's gradient: computed once, handed to both. `gain` is None where it is 1 for good.
 
 class _FeedbackConv2dFunction(torch.autograd.Function):
     @staticmethod
@@ -47,8 +55,8 @@ class _FeedbackConv2dFunction(torch.autograd.Function):
         input, direction, gain = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
-        feedback, input_factor = _apply_gain(direction.detach(), gain, grad_output)
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        feedback, input_factor = _apply_gain(direction.detach(), gain, input.numel() if need_input else 0)
+        grad_input, grad_weight, grad_bias = _convolution_backward(
             grad_output, input, feedback, ctx.bias_sizes,
             stride, padding, dilation, False, [0, 0], groups,
             [need_input, need_weight or need_direction, need_bias and ctx.bias_sizes is not None],
@@ -73,7 +81,7 @@ class _FeedbackLinearFunction(torch.autograd.Function):
         need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = None
         if need_input:
-            feedback, input_factor = _apply_gain(direction.detach(), gain, grad_output)
+            feedback, input_factor = _apply_gain(direction.detach(), gain, input.numel())
             grad_input = grad_output.matmul(feedback)
             if input_factor is not None:
                 grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
@@ -120,6 +128,9 @@ class FeedbackLayer:
         self.init_bound = default_init_bound(weight)
         if self.constrain_weight_norm:
             self.register_buffer("weight_norm_target", frobenius_norm(weight).to(torch.float32))
+        # Whether refresh_feedback_ has anything to do before a training forward.
+        self._refreshes = self.constrain_weight_norm or (
+            self.rule.write_feedback is not None and (not self.rule.fixed_direction or self.scale == "match"))
         # Counts random draws, so that a resumed or replicated layer continues the same stream.
         self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
         if self.rule.write_feedback is None:  # bp: B is W itself, nothing to keep
@@ -145,16 +156,23 @@ class FeedbackLayer:
 
     # -- random draws ---------------------------------------------------------------------
     def _draw_uniform(self, tensor: Tensor, low: float, high: float,
-                      per_step: bool | None = None) -> Tensor:
-        """Fill `tensor` with the layer's next draw from U(low, high). Draws made before every
-        step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 15-bit path; draws
-        made once keep full precision. By default the rule's randomness says which."""
+                      per_step: bool | None = None, sign_of: Tensor | None = None) -> Tensor:
+        """Fill `tensor` with the layer's next draw from U(low, high), or with U(0, high) times
+        sign(sign_of) (a random-magnitude copy of sign_of's signs). Draws made before every step
+        (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 15-bit path; draws made
+        once keep full precision. By default the rule's randomness says which."""
         draw = int(self.feedback_draws)
         self.feedback_draws.add_(1)
         if per_step is None:
             per_step = self.rule.randomness == "every_step"
-        fill = draws.fast_uniform_ if per_step else draws.uniform_
-        return fill(tensor, low, high, self.seed, self.layer_name, draw)
+        if sign_of is None:
+            fill = draws.fast_uniform_ if per_step else draws.uniform_
+            return fill(tensor, low, high, self.seed, self.layer_name, draw)
+        if low != 0:
+            raise ValueError(f"a draw with the signs of another tensor takes magnitudes from 0, not {low}")
+        if per_step:
+            return draws.fast_uniform_times_sign_(tensor, high, sign_of, self.seed, self.layer_name, draw)
+        return draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
 
     # -- per-step work --------------------------------------------------------------------
     def _write_raw_feedback(self) -> None:
@@ -208,31 +226,28 @@ class FeedbackLayer:
     def _feedback_forward(self, input: Tensor, conv_args: tuple | None) -> Tensor:
         """The layer's output through the rule's autograd Function (conv_args None: linear),
         under autocast with the dtypes autocast would give conv2d / linear."""
-        weight, bias = self.weight, self.bias
+        weight, bias, feedback = self.weight, self.bias, self.feedback_direction
         if self.rule.signal == "direct":
             if self.direct_source is None:
                 raise RuntimeError(f"dfa layer {self.layer_name!r} is not part of a model converted "
                                    "with fa.convert(model, rule='dfa')")
-            feedback = self._direct_feedback(input) if input.requires_grad else self.feedback_direction
-            error = self.direct_source.current
-
-            def function(input, weight, bias, feedback):
-                return DirectFeedbackFunction.apply(input, weight, bias, feedback, error,
-                                                     self.layer_name, conv_args)
-        else:
-            feedback = self.feedback_direction
-
-            def function(input, weight, bias, direction):
-                if conv_args is None:
-                    return _FeedbackLinearFunction.apply(input, weight, bias, direction, self.feedback_gain)
-                return _FeedbackConv2dFunction.apply(input, weight, bias, direction, self.feedback_gain,
-                                                     *conv_args)
+            if input.requires_grad:
+                feedback = self._direct_feedback(input)
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type):
             input, weight, bias, feedback = _cast_for_autocast(device_type, input, weight, bias, feedback)
             with torch.autocast(device_type, enabled=False):
-                return function(input, weight, bias, feedback)
-        return function(input, weight, bias, feedback)
+                return self._apply_function(input, weight, bias, feedback, conv_args)
+        return self._apply_function(input, weight, bias, feedback, conv_args)
+
+    def _apply_function(self, input, weight, bias, feedback, conv_args):
+        if self.rule.signal == "direct":
+            return DirectFeedbackFunction.apply(input, weight, bias, feedback, self.direct_source.current,
+                                                self.layer_name, conv_args)
+        gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
+        if conv_args is None:
+            return _FeedbackLinearFunction.apply(input, weight, bias, feedback, gain)
+        return _FeedbackConv2dFunction.apply(input, weight, bias, feedback, gain, *conv_args)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dfa B not drawn yet is empty: take the saved one's shape before loading into it.
@@ -259,7 +274,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     """nn.Conv2d whose input gradient flows through `feedback_weight`."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and not self._feedback_frozen:
+        if self.training and self._refreshes and not self._feedback_frozen:
             self.refresh_feedback_()
         if not self._uses_feedback_path(input):
             return self._conv_forward(input, self.weight, self.bias)
@@ -285,7 +300,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     """nn.Linear whose input gradient flows through `feedback_weight`; inputs of any rank."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and not self._feedback_frozen:
+        if self.training and self._refreshes and not self._feedback_frozen:
             self.refresh_feedback_()
         if not self._uses_feedback_path(input):
             return F.linear(input, self.weight, self.bias)

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .draws import workspace_like
 
 # How a rule uses randomness:
 #   "none"        - B is a function of W alone (bp, usf)
@@ -27,7 +26,9 @@ class Rule:
     name: str
     # Writes the unscaled feedback into `feedback` (same shape as `weight`), in place.
     # `draw_uniform(tensor, low, high)` fills a tensor with U(low, high) from the layer's own
-    # generator, `bound` is the layer's default init bound; `magnitude` is the rule's fixed random magnitude buffer (frsf) or None.
+    # generator (`draw_uniform(tensor, 0, high, sign_of=weight)`: U(0, high) * sign(weight));
+    # `bound` is the layer's default init bound; `magnitude` is the rule's fixed random
+    # magnitude buffer (frsf) or None.
     write_feedback: Callable[..., None] | None
     randomness: str
     # True when sign(B) == sign(W) everywhere (the sign-concordant family).
@@ -62,16 +63,13 @@ def _uniform_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, 
 
 
 def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    # |R_t| * sign(W): draw |R_t| ~ U(0, bound) into B itself (no buffer for magnitudes that live
-    # one step), then give each entry W's sign. sign() rather than copysign() keeps B exactly 0
-    # where W is 0.
-    draw_uniform(feedback, 0.0, bound)
-    feedback.mul_(torch.sign(weight, out=workspace_like(weight)))
+    # |R_t| * sign(W), drawn into B itself (no buffer for magnitudes that live one step). sign()
+    # keeps B exactly 0 where W is 0.
+    draw_uniform(feedback, 0.0, bound, sign_of=weight)
 
 
 def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    torch.mul(torch.sign(weight, out=workspace_like(weight)),
-              magnitude, out=feedback)
+    torch.sign(weight, out=feedback).mul_(magnitude)
 
 
 _REGISTRY: dict[str, Rule] = {
