@@ -6,7 +6,9 @@
 All variants are built from the same initial weights and timed round-robin in one process, in a
 fresh random order each round, so machine load drifts and position effects hit them alike. The
 ratio is the median over rounds of (variant step time / plain step time in the same round);
-"plain2", a second unconverted copy, measures the noise floor of that ratio. On a GPU the
+"plain2", a second unconverted variant, measures the noise floor of that ratio. Every variant
+runs as --copies model copies whose times are averaged per round (placement in memory alone
+makes one copy a steady percent or two faster than another). On a GPU the
 step is timed between synchronizations, in the channels_last layout unless --no-channels-last,
 and images/s is the training throughput of one process.
 """
@@ -50,41 +52,49 @@ def _sync(device):
 
 def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,
                 device: torch.device, dtype: str = "fp32", channels_last: bool = False,
-                compile_model: bool = False) -> list[dict]:
+                compile_model: bool = False, copies: int = 2) -> list[dict]:
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(arch, num_classes=10, in_channels=3, image_size=32)
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch_size,), device=device)
-    # A second unconverted copy shows the noise floor: its ratio would be 1.000 on a quiet machine.
-    variants = {"plain": copy.deepcopy(base), "plain2": copy.deepcopy(base)}
-    for rule in rules:
+
+    def variant(rule):
+        if rule is None:
+            return copy.deepcopy(base)
         # Rules with learned or direct feedback take no scale: they run with 'none'.
         rule_scale = scale if get_rule(rule).scalable else "none"
-        variants[rule] = convert(copy.deepcopy(base), rule=rule, scale=rule_scale, seed=0)
-    steps = {name: _make_step(model.to(device, memory_format=memory_format).train(), images, labels,
-                              compile_model)
-             for name, model in variants.items()}
+        return convert(copy.deepcopy(base), rule=rule, scale=rule_scale, seed=0)
+    # A second unconverted variant shows the noise floor: its ratio would be 1.000 on a quiet
+    # machine. Each variant runs as several model copies, whose times are averaged per round:
+    # one copy's memory placement alone can make it a steady 1-2% faster or slower than another.
+    kinds = {"plain": None, "plain2": None, **{rule: rule for rule in rules}}
+    steps = {(name, index): _make_step(variant(rule).to(device, memory_format=memory_format).train(),
+                                       images, labels, compile_model)
+             for name, rule in kinds.items() for index in range(copies)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    times = {name: [] for name in steps}
+    times = {name: [[] for _ in range(copies)] for name in kinds}
     order = list(steps)
     with autocast:
         for round_index in range(warmup + rounds):
             random.Random(round_index).shuffle(order)
-            for name in order:
-                step = steps[name]
+            for name, index in order:
+                step = steps[name, index]
                 _sync(device)
                 start = time.perf_counter()
                 step()
                 _sync(device)
                 if round_index >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name][index].append(time.perf_counter() - start)
+    per_round = {name: [statistics.fmean(round_times) for round_times in zip(*copy_times)]
+                 for name, copy_times in times.items()}
+
     def paired_ratio(name):
-        return statistics.median(t / p for t, p in zip(times[name], times["plain"]))
+        return statistics.median(t / p for t, p in zip(per_round[name], per_round["plain"]))
     return [dict(model=arch, variant=name, dtype=dtype, channels_last=channels_last,
-                 compile=compile_model, median_ms=1e3 * statistics.median(t),
+                 compile=compile_model, copies=copies, median_ms=1e3 * statistics.median(t),
                  ratio=paired_ratio(name), images_per_s=batch_size / statistics.median(t))
-            for name, t in times.items()]
+            for name, t in per_round.items()]
 
 
 def main(argv=None):
@@ -95,6 +105,8 @@ def main(argv=None):
                         help="feedback scale of the converted variants (match does the most per-step work)")
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--copies", type=int, default=2,
+                        help="model copies per variant, timed in every round and averaged")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -111,13 +123,14 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     print(f"# torch {torch.__version__}, {device} ({name}), {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds, "
+          f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds x {args.copies} copies, "
           f"channels_last={channels_last}, compile={args.compile}")
     rows = []
     for dtype in args.dtype:
         for arch in args.models:
             rows += bench_model(arch, args.rules, args.scale, args.rounds, args.warmup,
-                                args.batch_size, device, dtype, channels_last, args.compile)
+                                args.batch_size, device, dtype, channels_last, args.compile,
+                                args.copies)
             print(f"\n{arch} ({dtype})\n{'variant':>8} {'median ms':>10} {'ratio':>7} {'img/s':>9}")
             for row in rows:
                 if row["model"] == arch and row["dtype"] == dtype:

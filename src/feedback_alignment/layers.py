@@ -62,7 +62,7 @@ class _FeedbackConv2dFunction(torch.autograd.Function):
             [need_input, need_weight or need_direction, need_bias and ctx.bias_sizes is not None],
         )
         if grad_input is not None and input_factor is not None:
-            grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
+            grad_input = grad_input.mul_(input_factor)
         grad_direction = grad_weight if need_direction else None
         return (grad_input, grad_weight if need_weight else None, grad_bias, grad_direction,
                 None, None, None, None, None)
@@ -84,7 +84,7 @@ class _FeedbackLinearFunction(torch.autograd.Function):
             feedback, input_factor = _apply_gain(direction.detach(), gain, input.numel())
             grad_input = grad_output.matmul(feedback)
             if input_factor is not None:
-                grad_input = grad_input.mul_(input_factor.to(grad_input.dtype))
+                grad_input = grad_input.mul_(input_factor)
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         if need_weight or need_direction:
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))

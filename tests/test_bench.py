@@ -1,0 +1,17 @@
+"""The benchmark's bookkeeping (it makes no speed claim here: BENCHMARKS.md does, from real runs)."""
+import json
+
+from feedback_alignment import bench
+
+
+def test_bench_times_every_variant_in_copies_and_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "resnet20", "--rules", "fa", "wm", "--rounds", "2", "--warmup", "1",
+                "--batch-size", "2", "--copies", "2", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["plain", "plain2", "fa", "wm"]
+    for row in rows:
+        assert row["copies"] == 2 and row["median_ms"] > 0 and row["images_per_s"] > 0
+        assert 0.1 < row["ratio"] < 50, row
+    printed = capsys.readouterr().out
+    assert "2 rounds x 2 copies" in printed and "\n      wm " in printed
