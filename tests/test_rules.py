@@ -277,7 +277,7 @@ def test_draws_are_uniform_and_independent_of_thread_count():
         torch.set_num_threads(threads)
         try:
             full = draws.uniform_(torch.empty(3 * draws.DRAW_CHUNK + 5), -2.0, 2.0, 1, "layer", 4)
-            fast = draws.fast_uniform_(torch.empty(3 * draws.DRAW_CHUNK + 7), 0.0, 3.0, 1, "layer", 4)
+            fast = draws.fast_uniform_(torch.empty(2 * draws.FAST_CHUNK + 7), 0.0, 3.0, 1, "layer", 4)
         finally:
             torch.set_num_threads(previous)
         values[threads] = (full, fast)
@@ -291,3 +291,5 @@ def test_draws_are_uniform_and_independent_of_thread_count():
     # Chunks are independent streams, not copies of one another.
     chunk = draws.DRAW_CHUNK
     assert not torch.equal(full[:chunk], full[chunk:2 * chunk])
+    chunk = draws.FAST_CHUNK
+    assert not torch.equal(fast[:chunk], fast[chunk:2 * chunk])

@@ -1,23 +1,29 @@
 """Random draws for feedback weights: reproducible, cheap, and independent of the global RNG.
 
-Every draw is identified by (seed, layer name, draw index); it is made in chunks of DRAW_CHUNK
-entries, each from its own generator seeded by a hash of that identity and the chunk index. So
-the same seed gives the same B whatever else consumed random numbers, a resumed run continues
-the stream from the draw counter, DDP ranks agree without communicating, and the values never
-depend on how many threads a machine has (or would use to fill the chunks).
+Every draw is identified by (seed, layer name, draw index); it is made in chunks, each from its
+own generator seeded by a hash of that identity and the chunk index. So the same seed gives the
+same B whatever else consumed random numbers, a resumed run continues the stream from the draw
+counter, DDP ranks agree without communicating, and the values never depend on how many threads
+a machine has. Chunks are filled one after another: spreading them over a thread pool was
+slower on a 2-core CPU, where OpenMP's workers keep spinning for a while after every parallel
+region of the training step and take the pool's cores (BENCHMARKS.md). The generators are
+torch's (Mersenne Twister on a CPU, Philox on a GPU), except numpy's SFC64 for the per-step
+draws on a CPU.
 """
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from torch import Tensor
 
 DRAW_CHUNK = 1 << 18
-# Draws made before every step (brsf) use 15 random bits per entry, not float32's 24: torch's CPU
-# generator costs about as much per call either way, and one 63-bit call yields four 15-bit
+# Draws made before every step (brsf) use 15 random bits per entry, not float32's 24: a
+# generator costs about as much per call either way, and one 64-bit word yields four 15-bit
 # values. 32768 levels of U(low, high) are far finer than any effect of the magnitude distribution.
 FAST_BITS = 15
+FAST_CHUNK = 1 << 20  # entries per generator in those draws (smaller chunks cost more on a CPU)
 
 _workspaces: dict[tuple, Tensor] = {}
 
@@ -26,14 +32,6 @@ def stream_seed(seed: int, layer_name: str, draw: int, chunk: int = 0) -> int:
     """A 63-bit seed from (seed, layer name, draw index, chunk index) alone."""
     digest = hashlib.sha256(f"{seed}\0{layer_name}\0{draw}\0{chunk}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _for_each_chunk(tensor: Tensor, chunk_size: int, fill) -> None:
-    # One thread, chunk after chunk. Spreading the chunks over a thread pool was slower on a
-    # 2-core CPU: OpenMP's workers keep spinning for a while after every parallel region (the
-    # training step's own ops) and take the cores the pool's threads need (BENCHMARKS.md).
-    for chunk in enumerate(tensor.view(-1).split(chunk_size)):
-        fill(chunk)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -55,10 +53,8 @@ def uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str
     """Fill `tensor` with U(low, high) at full float precision."""
     if (done := _in_logical_order(uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
         return done
-    def fill(indexed):
-        index, chunk = indexed
+    for index, chunk in enumerate(tensor.view(-1).split(DRAW_CHUNK)):
         chunk.uniform_(low, high, generator=_generator(chunk.device, stream_seed(seed, layer_name, draw, index)))
-    _for_each_chunk(tensor, DRAW_CHUNK, fill)
     return tensor
 
 
@@ -74,16 +70,21 @@ def workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buffer[:numel].view(shape)
 
 
-def _fast_levels(numel: int, seed: int, layer_name: str, draw: int, device) -> Tensor:
-    """numel integers uniform on {0, ..., 2^15 - 1}, as int16 in a workspace: four per 63-bit
-    generator call (the low 15 bits of each 16)."""
-    words = workspace(((numel + 3) // 4,), torch.int64, device)
+def _random_words(count: int, seed: int, device: torch.device) -> Tensor:
+    """`count` random 64-bit words from one generator seeded with `seed`."""
+    if device.type == "cpu":
+        # numpy's SFC64 makes a word in about half the time torch's CPU Mersenne Twister takes.
+        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    return torch.empty(count, dtype=torch.int64, device=device).random_(generator=_generator(device, seed))
 
-    def fill(indexed):
-        index, chunk = indexed
-        chunk.random_(generator=_generator(chunk.device, stream_seed(seed, layer_name, draw, index)))
-    _for_each_chunk(words, DRAW_CHUNK // 4, fill)
-    return words.view(torch.int16)[:numel].bitwise_and_((1 << FAST_BITS) - 1)
+
+def _fast_levels_(tensor: Tensor, seed: int, layer_name: str, draw: int) -> Tensor:
+    """Fill the contiguous `tensor` with integers k uniform on {0, ..., 2^15 - 1}: the low 15 bits
+    of each 16 of a random 64-bit word, FAST_CHUNK entries per generator."""
+    for index, chunk in enumerate(tensor.view(-1).split(FAST_CHUNK)):
+        words = _random_words((chunk.numel() + 3) // 4, stream_seed(seed, layer_name, draw, index), chunk.device)
+        chunk.copy_(words.view(torch.int16)[:chunk.numel()].bitwise_and_((1 << FAST_BITS) - 1))
+    return tensor
 
 
 def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
@@ -91,8 +92,7 @@ def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name
     on {0, ..., 2^15 - 1}."""
     if (done := _in_logical_order(fast_uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
         return done
-    levels = _fast_levels(tensor.numel(), seed, layer_name, draw, tensor.device)
-    tensor.view(-1).copy_(levels)
+    _fast_levels_(tensor, seed, layer_name, draw)
     step = (high - low) / (1 << FAST_BITS)
     return tensor.add_(0.5).mul_(step).add_(low) if low else tensor.add_(0.5).mul_(step)
 
@@ -106,9 +106,8 @@ def fast_uniform_times_sign_(tensor: Tensor, high: float, sign_of: Tensor, seed:
         contiguous = fast_uniform_times_sign_(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device),
                                               high, sign_of.contiguous(), seed, layer_name, draw)
         return tensor.copy_(contiguous)
-    levels = _fast_levels(tensor.numel(), seed, layer_name, draw, tensor.device)
     # k as floats first: an addcmul mixing int16 and float takes a slow element-wise cast (4x).
-    tensor.view(-1).copy_(levels)
+    _fast_levels_(tensor, seed, layer_name, draw)
     signs = torch.sign(sign_of, out=workspace(tensor.shape, tensor.dtype, tensor.device))
     torch.addcmul(signs, signs, tensor, value=2, out=tensor)
     return tensor.mul_(high / (1 << (FAST_BITS + 1)))
