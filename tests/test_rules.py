@@ -57,6 +57,40 @@ def test_sign_concordant_rules_agree_in_sign_everywhere(rule, scale):
             assert torch.equal(torch.sign(layer.feedback_weight), torch.sign(layer.weight)), name
 
 
+def test_the_model_refreshes_every_layer_once_per_training_forward_before_it_runs():
+    model = fa.convert(small_net(), rule="brsf", scale="match")
+    layers = [layer for _, layer in fa.feedback_layers(model)]
+    draws_before = [int(layer.feedback_draws) for layer in layers]
+    seen = []  # B's signs when each layer's forward starts: already those of the current W
+    hooks = [layer.register_forward_pre_hook(
+        lambda layer, args: seen.append(torch.equal(layer.feedback_direction.sign(), layer.weight.sign())))
+        for layer in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.neg_()  # as an optimizer step would: B must follow before the forward
+    model(batch()[0])
+    assert seen == [True] * len(layers)
+    assert [int(layer.feedback_draws) for layer in layers] == [n + 1 for n in draws_before]  # one draw each
+    for hook in hooks:
+        hook.remove()
+    # A layer refreshed ahead of a forward that did not reach it, then changed in place, then
+    # called on its own refreshes itself again rather than trusting the earlier refresh.
+    conv = model.features[0]
+    from feedback_alignment.layers import refresh_ahead_of_forward
+    refresh_ahead_of_forward(model, ())
+    with torch.no_grad():
+        conv.weight.neg_()
+    conv(batch()[0])
+    assert torch.equal(conv.feedback_direction.sign(), conv.weight.sign())
+    # A copy of the model refreshes its own layers, not the original's.
+    copied = copy.deepcopy(model)
+    draws_before = [int(layer.feedback_draws) for layer in layers]
+    copied(batch()[0])
+    assert [int(layer.feedback_draws) for layer in layers] == draws_before
+    assert all(int(a.feedback_draws) == int(b.feedback_draws) + 1
+               for (_, a), b in zip(fa.feedback_layers(copied), layers))
+
+
 def test_brsf_magnitudes_change_every_step_and_frsf_never():
     magnitudes = {rule: [] for rule in ("brsf", "frsf")}
     models = {rule: fa.convert(small_net(), rule=rule, scale="none") for rule in magnitudes}

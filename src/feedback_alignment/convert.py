@@ -6,7 +6,7 @@ from typing import Iterable
 from torch import nn
 
 from .direct import DirectFeedbackSource
-from .layers import FeedbackLayer, from_module
+from .layers import FeedbackLayer, from_module, refresh_ahead_of_forward
 from .rules import check_scale, get_rule
 
 CONVERTIBLE = (nn.Conv2d, nn.Linear)
@@ -24,6 +24,8 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     The new layers keep the original Parameter objects, so an optimizer built before conversion
     still trains them. (Kolen-Pollack adds each layer's B as a Parameter: for rule="kp" build the
     optimizer after conversion. dfa adds hooks on `model` that read the error of its output.)
+    A forward pre-hook on `model` brings every layer's B up to date before each training forward;
+    a layer called on its own does it in its own forward.
     Returns `model` (or the new layer, if `model` itself is a Conv2d/Linear).
     Only exact nn.Conv2d / nn.Linear are converted: a subclass may compute its forward differently.
     """
@@ -63,6 +65,8 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
         # The model's own output is where dfa reads the error; the hooks live on the model.
         model.register_forward_pre_hook(source.begin)
         model.register_forward_hook(source.attach)
+    if not isinstance(model, FeedbackLayer):
+        model.register_forward_pre_hook(refresh_ahead_of_forward)
     return model
 
 
