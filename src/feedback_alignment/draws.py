@@ -102,10 +102,9 @@ def fast_uniform_times_sign_(tensor: Tensor, high: float, sign_of: Tensor, seed:
     """Fill `tensor` with fast_uniform_'s U(0, high) draw times sign(sign_of), the same values to
     the bit, in fewer passes: with k the levels and s = sign(sign_of), s + 2 s k = s (2k + 1) in
     one addcmul, which times high / 2^16 is s (k + 1/2) high / 2^15."""
-    if not tensor.is_contiguous():  # draws follow the logical order of entries (_in_logical_order)
-        contiguous = fast_uniform_times_sign_(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device),
-                                              high, sign_of.contiguous(), seed, layer_name, draw)
-        return tensor.copy_(contiguous)
+    if (done := _in_logical_order(fast_uniform_times_sign_, tensor, high, sign_of, seed, layer_name,
+                                  draw)) is not None:
+        return done
     # k as floats first: an addcmul mixing int16 and float takes a slow element-wise cast (4x).
     _fast_levels_(tensor, seed, layer_name, draw)
     signs = torch.sign(sign_of, out=workspace(tensor.shape, tensor.dtype, tensor.device))
