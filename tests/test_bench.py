@@ -1,6 +1,8 @@
 """The benchmark's bookkeeping (it makes no speed claim here: BENCHMARKS.md does, from real runs)."""
 import json
 
+import pytest
+
 from feedback_alignment import bench
 
 
@@ -15,3 +17,11 @@ def test_bench_times_every_variant_in_copies_and_writes_ratios(tmp_path, capsys)
         assert 0.1 < row["ratio"] < 50, row
     printed = capsys.readouterr().out
     assert "2 rounds x 2 copies" in printed and "\n      wm " in printed
+
+
+def test_bench_refuses_no_copies_or_no_rounds_in_one_line(capsys):
+    for option in ("--copies", "--rounds"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--models", "resnet20", option, "0"])
+        assert exit_info.value.code == 2
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
