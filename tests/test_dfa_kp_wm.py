@@ -200,9 +200,11 @@ def test_weight_mirrors_bring_b_to_w():
         fa.mirror.mirror_step(model)
     after = [angle_degrees(l.feedback_weight, l.weight) for _, l in fa.feedback_layers(model)]
     assert min(before) > 80 and max(after) < 5, (before, after)
+    # B_60 = 0.95^60 B_0 + (1 - 0.95^60) W + noise (decay 0.05): W's share is 0.954 by now, and
+    # B_0's leftover is orthogonal to W and 20x smaller, so ||B|| / ||W|| is 0.954 up to the noise.
     for _, layer in fa.feedback_layers(model):
         ratio = float(layer.feedback_weight.norm() / layer.weight.detach().norm())
-        assert ratio == pytest.approx(1.0, abs=0.05)
+        assert ratio == pytest.approx(1 - 0.95**60, abs=0.025)
 
 
 def test_weight_mirror_fixed_point_is_lr_over_decay_times_w():

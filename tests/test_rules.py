@@ -296,6 +296,23 @@ def test_signed_fast_draw_equals_the_fast_draw_times_the_sign(channels_last):
     assert (signed[0, :, 0, 0] == 0).all() and (signed.sign() == weight.sign()).all()
 
 
+def test_the_fast_draw_is_numpys_sfc64_stream_read_as_16_bit_levels():
+    # An independent reference: the words straight from numpy, split by hand into four 16-bit
+    # levels each (lowest bits first, as a little-endian word holds them), then (k + 1/2) / 2^16.
+    import numpy as np
+    from feedback_alignment import draws
+
+    size = draws.FAST_CHUNK + 10  # two generators: a full chunk and a short one
+    fast = draws.fast_uniform_(torch.empty(size, dtype=torch.float64), -1.0, 3.0, 7, "layer", 5)
+    expected = []
+    for index, count in enumerate((draws.FAST_CHUNK, 10)):
+        words = np.random.SFC64(draws.stream_seed(7, "layer", 5, index)).random_raw((count + 3) // 4)
+        levels = [(int(word) >> shift) & 0xFFFF for word in words for shift in (0, 16, 32, 48)]
+        expected += levels[:count]
+    expected = -1.0 + (torch.tensor(expected, dtype=torch.float64) + 0.5) * (4.0 / 2**16)
+    assert torch.equal(fast, expected)
+
+
 def test_a_signed_draw_refuses_magnitudes_that_do_not_start_at_zero():
     layer = fa.convert(nn.Sequential(nn.Linear(3, 2)), rule="brsf", seed=0)[0]
     with pytest.raises(ValueError, match="magnitudes from 0, not -1"):
@@ -321,7 +338,7 @@ def test_draws_are_uniform_and_independent_of_thread_count():
     assert 0 < fast.min() and fast.max() < 3 and abs(fast.mean() - 1.5) < 0.01
     assert abs(fast.var().item() - 9 / 12) < 0.01  # variance of U(0, 3)
     levels = torch.unique(fast)
-    assert 30000 < len(levels) <= 2**15  # 15-bit resolution, nearly every level hit
+    assert 60000 < len(levels) <= 2**16  # 16-bit resolution, nearly every level hit
     # Chunks are independent streams, not copies of one another.
     chunk = draws.DRAW_CHUNK
     assert not torch.equal(full[:chunk], full[chunk:2 * chunk])

@@ -159,7 +159,7 @@ class FeedbackLayer:
                       per_step: bool | None = None, sign_of: Tensor | None = None) -> Tensor:
         """Fill `tensor` with the layer's next draw from U(low, high), or with U(0, high) times
         sign(sign_of) (a random-magnitude copy of sign_of's signs). Draws made before every step
-        (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 15-bit path; draws made
+        (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit path; draws made
         once keep full precision. By default the rule's randomness says which."""
         draw = int(self.feedback_draws)
         self.feedback_draws.add_(1)
