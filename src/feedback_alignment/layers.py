@@ -200,6 +200,11 @@ class FeedbackLayer:
         if self.scale == "match":
             self.feedback_gain.copy_(self._norm_ratio())
 
+    def _refreshes_before_forward(self) -> bool:
+        """Whether a forward now must bring B up to date first: in training, with per-step work
+        to do, and B not frozen by alignment.measure."""
+        return self.training and self._refreshes and not self._feedback_frozen
+
     # W's version counter when refresh_ahead_of_forward refreshed this layer; None otherwise.
     _refreshed_at_version: int | None = None
 
@@ -284,7 +289,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     """nn.Conv2d whose input gradient flows through `feedback_weight`."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and self._refreshes and not self._feedback_frozen:
+        if self._refreshes_before_forward():
             self._refresh_unless_done_ahead()
         if not self._uses_feedback_path(input):
             return self._conv_forward(input, self.weight, self.bias)
@@ -310,7 +315,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     """nn.Linear whose input gradient flows through `feedback_weight`; inputs of any rank."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and self._refreshes and not self._feedback_frozen:
+        if self._refreshes_before_forward():
             self._refresh_unless_done_ahead()
         if not self._uses_feedback_path(input):
             return F.linear(input, self.weight, self.bias)
@@ -326,8 +331,7 @@ def refresh_ahead_of_forward(model: nn.Module, args) -> None:
     if torch.compiler.is_compiling():
         return
     for layer in model.modules():
-        if (isinstance(layer, FeedbackLayer) and layer.training and layer._refreshes
-                and not layer._feedback_frozen):
+        if isinstance(layer, FeedbackLayer) and layer._refreshes_before_forward():
             layer.refresh_feedback_()
             layer._refreshed_at_version = layer.weight._version
 
