@@ -313,6 +313,21 @@ def test_the_fast_draw_is_numpys_sfc64_stream_read_as_16_bit_levels():
     assert torch.equal(fast, expected)
 
 
+def test_a_signed_draw_made_once_is_the_full_precision_draw_times_the_sign():
+    # The path a rule that draws once would take (no built-in rule does): draws.uniform_'s values
+    # for the layer's next draw index, times torch.sign(W), zeros of W kept.
+    from feedback_alignment import draws
+
+    layer = fa.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), rule="frsf", seed=2)[0]
+    weight = layer.weight.detach().clone()
+    weight[0, 0] = 0.0
+    draw = int(layer.feedback_draws)
+    signed = layer._draw_uniform(torch.empty_like(weight), 0.0, 0.5, sign_of=weight)
+    expected = draws.uniform_(torch.empty_like(weight), 0.0, 0.5, 2, "0", draw) * torch.sign(weight)
+    assert torch.equal(signed, expected) and int(layer.feedback_draws) == draw + 1
+    assert (signed[0, 0] == 0).all()
+
+
 def test_a_signed_draw_refuses_magnitudes_that_do_not_start_at_zero():
     layer = fa.convert(nn.Sequential(nn.Linear(3, 2)), rule="brsf", seed=0)[0]
     with pytest.raises(ValueError, match="magnitudes from 0, not -1"):
