@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,35 @@ def train_digits(tmp_path: Path, *flags: str) -> dict:
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
+
+
+def _switch_fused_kernel(monkeypatch, enabled: bool) -> None:
+    from feedback_alignment import native
+
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_NATIVE", "1" if enabled else "0")
+    native.reset()
+    if enabled and native.library() is None:
+        compiler = os.environ.get("CC", "cc")
+        if shutil.which(compiler) is None:
+            pytest.skip(f"no C compiler ({compiler}) to build the fused kernel")
+        pytest.fail(f"the fused kernel did not build with {compiler}")
+
+
+@pytest.fixture(params=[True, False], ids=["fused-kernel", "pytorch-ops"])
+def fused_kernel(request, monkeypatch):
+    """Runs a test with native.py's fused CPU kernel and again with PyTorch operations only."""
+    from feedback_alignment import native
+
+    _switch_fused_kernel(monkeypatch, request.param)
+    yield request.param
+    native.reset()
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The fused CPU kernel, built (or found in the cache) and switched on."""
+    from feedback_alignment import native
+
+    _switch_fused_kernel(monkeypatch, True)
+    yield native.library()
+    native.reset()

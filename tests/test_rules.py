@@ -281,18 +281,19 @@ def test_batch_manhattan_by_hand():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_signed_fast_draw_equals_the_fast_draw_times_the_sign(channels_last):
-    # brsf's fused draw must give, bit for bit, fast_uniform_'s magnitudes times torch.sign(W),
-    # zeros of W included.
+def test_signed_fast_draw_equals_the_fast_draw_times_the_sign(channels_last, fused_kernel):
+    # brsf's signed draw (by the fused CPU kernel, or in PyTorch operations) must give, bit for
+    # bit, fast_uniform_'s magnitudes times torch.sign(W), zeros of W included.
     from feedback_alignment import draws
-
     weight = torch.randn(40, 8, 3, 3)
     weight[0, :, 0, 0] = 0.0
     if channels_last:
         weight = weight.to(memory_format=torch.channels_last)
     expected = draws.fast_uniform_(torch.empty(weight.shape), 0.0, 0.3, 5, "conv", 2) * torch.sign(weight)
-    signed = draws.fast_uniform_times_sign_(torch.empty_like(weight), 0.3, weight, 5, "conv", 2)
+    signed = torch.empty_like(weight)
+    norms = draws.fast_uniform_times_sign_(signed, 0.3, weight, 5, "conv", 2)
     assert torch.equal(signed, expected)
+    assert (norms is not None) == (fused_kernel and not channels_last)
     assert (signed[0, :, 0, 0] == 0).all() and (signed.sign() == weight.sign()).all()
 
 
@@ -322,7 +323,8 @@ def test_a_signed_draw_made_once_is_the_full_precision_draw_times_the_sign():
     weight = layer.weight.detach().clone()
     weight[0, 0] = 0.0
     draw = int(layer.feedback_draws)
-    signed = layer._draw_uniform(torch.empty_like(weight), 0.0, 0.5, sign_of=weight)
+    signed = torch.empty_like(weight)
+    assert layer._draw_uniform(signed, 0.0, 0.5, sign_of=weight) is None  # no norms on the way
     expected = draws.uniform_(torch.empty_like(weight), 0.0, 0.5, 2, "0", draw) * torch.sign(weight)
     assert torch.equal(signed, expected) and int(layer.feedback_draws) == draw + 1
     assert (signed[0, 0] == 0).all()

@@ -1,5 +1,6 @@
 """The Snakemake workflow, run for real (tiny configs, temporary directories)."""
 import json
+import os
 import re
 import shutil
 
@@ -52,6 +53,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert result["status"] == "completed" and result["config"]["scale"] == "match"
     assert result["config"]["rule"] == "usf" and result["config"]["seed"] == 1
     assert {"git_sha", "torch", "device"} <= set(result["provenance"])
+    if shutil.which(os.environ.get("CC", "cc")):  # usf ran on a CPU: through the fused kernel
+        assert result["provenance"]["fused_cpu_kernel"].endswith(".so")
     evaluation = json.loads((run / "evaluation.json").read_text())
     # The summary's mean is the mean of the seeds' evaluations.
     errors = [json.loads((results / "runs/digits/net/usf-matched" / f"seed{s}" / "evaluation.json").read_text())

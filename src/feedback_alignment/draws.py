@@ -8,7 +8,7 @@ a machine has. Chunks are filled one after another: spreading them over a thread
 slower on a 2-core CPU, where OpenMP's workers keep spinning for a while after every parallel
 region of the training step and take the pool's cores (BENCHMARKS.md). The generators are
 torch's (Mersenne Twister on a CPU, Philox on a GPU), except numpy's SFC64 for the per-step
-draws on a CPU.
+draws on a CPU, which the fused kernel of native.py reproduces word for word when it is built.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import native
+
 DRAW_CHUNK = 1 << 18
 # Draws made before every step (brsf) use 16 random bits per entry, not float32's 24: a
 # generator costs about as much per call either way, and one 64-bit word read as four uint16
@@ -25,6 +27,7 @@ DRAW_CHUNK = 1 << 18
 # any effect of the magnitude distribution.
 FAST_BITS = 16
 FAST_CHUNK = 1 << 20  # entries per generator in those draws (smaller chunks cost more on a CPU)
+assert FAST_CHUNK % native.LEVEL_CHUNK_MULTIPLE == 0
 
 _workspaces: dict[tuple, Tensor] = {}
 
@@ -102,16 +105,31 @@ def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name
     return tensor.add_(0.5).mul_(step).add_(low) if low else tensor.add_(0.5).mul_(step)
 
 
+def _chunk_states(numel: int, seed: int, layer_name: str, draw: int) -> np.ndarray:
+    """The starting states (chunks x 4 words) of the SFC64 generators of a per-step CPU draw."""
+    return np.stack([np.random.SFC64(stream_seed(seed, layer_name, draw, index)).state["state"]["state"]
+                     for index in range(-(-numel // FAST_CHUNK))])
+
+
 def fast_uniform_times_sign_(tensor: Tensor, high: float, sign_of: Tensor, seed: int, layer_name: str,
-                             draw: int) -> Tensor:
+                             draw: int) -> native.SquaredNorms | None:
     """Fill `tensor` with fast_uniform_'s U(0, high) draw times sign(sign_of), the same values to
-    the bit, in fewer passes: with k the levels and s = sign(sign_of), s + 2 s k = s (2k + 1) in
-    one addcmul, which times high / 2^17 is s (k + 1/2) high / 2^16."""
-    if (done := _in_logical_order(fast_uniform_times_sign_, tensor, high, sign_of, seed, layer_name,
-                                  draw)) is not None:
-        return done
+    the bit, in fewer passes: with k the levels and s = sign(sign_of), s (2k + 1) high / 2^17 is
+    s (k + 1/2) high / 2^16. Returns ||tensor||^2 and ||sign_of||^2 where the fused CPU kernel
+    made the draw (it sums them on the way), else None."""
+    step = high / (1 << (FAST_BITS + 1))
+    if native.takes(tensor, sign_of):
+        states = _chunk_states(tensor.numel(), seed, layer_name, draw)
+        return native.signed_feedback_(tensor, sign_of, chunk_states=states, chunk=FAST_CHUNK, step=step)
+    if not tensor.is_contiguous():  # draws follow the logical order of entries (_in_logical_order)
+        contiguous = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        norms = fast_uniform_times_sign_(contiguous, high, sign_of, seed, layer_name, draw)
+        tensor.copy_(contiguous)
+        return norms
     # k as floats first: an addcmul mixing int16 and float takes a slow element-wise cast (4x).
     _fast_levels_(tensor, seed, layer_name, draw)
     signs = torch.sign(sign_of, out=workspace(tensor.shape, tensor.dtype, tensor.device))
+    # s + 2 s k = s (2k + 1) in one addcmul
     torch.addcmul(signs, signs, tensor, value=2, out=tensor)
-    return tensor.mul_(high / (1 << (FAST_BITS + 1)))
+    tensor.mul_(step)
+    return None

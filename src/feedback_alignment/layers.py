@@ -15,12 +15,15 @@ Function of direct.py instead.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import draws
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
+from .native import SquaredNorms
 from .rules import Rule, check_scale, default_init_bound, get_rule
 
 # The overload itself: calling the packet resolves it anew on every call.
@@ -152,15 +155,16 @@ class FeedbackLayer:
         if self.rule.fixed_direction and self.rule.scalable:  # one norm per step, not two
             self.register_buffer("feedback_direction_norm", frobenius_norm(self.feedback_direction))
         if self.scale != "none":
-            self.feedback_gain.copy_(self._norm_ratio())
+            self.feedback_gain.fill_(self._norm_ratio())
 
     # -- random draws ---------------------------------------------------------------------
     def _draw_uniform(self, tensor: Tensor, low: float, high: float,
-                      per_step: bool | None = None, sign_of: Tensor | None = None) -> Tensor:
-        """Fill `tensor` with the layer's next draw from U(low, high), or with U(0, high) times
-        sign(sign_of) (a random-magnitude copy of sign_of's signs). Draws made before every step
-        (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit path; draws made
-        once keep full precision. By default the rule's randomness says which."""
+                      per_step: bool | None = None, sign_of: Tensor | None = None):
+        """Fill `tensor` with the layer's next draw from U(low, high) and return it; or with U(0,
+        high) times sign(sign_of) (a random-magnitude copy of sign_of's signs) and return the
+        squared norms of both if the fused CPU kernel summed them, else None. Draws made before
+        every step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit path;
+        draws made once keep full precision. By default the rule's randomness says which."""
         draw = int(self.feedback_draws)
         self.feedback_draws.add_(1)
         if per_step is None:
@@ -172,14 +176,19 @@ class FeedbackLayer:
             raise ValueError(f"a draw with the signs of another tensor takes magnitudes from 0, not {low}")
         if per_step:
             return draws.fast_uniform_times_sign_(tensor, high, sign_of, self.seed, self.layer_name, draw)
-        return draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
+        draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
+        return None
 
     # -- per-step work --------------------------------------------------------------------
-    def _write_raw_feedback(self) -> None:
-        self.rule.write_feedback(self.weight.detach(), self.feedback_direction, self._draw_uniform,
-                                 self.init_bound, getattr(self, "feedback_magnitude", None))
+    def _write_raw_feedback(self) -> SquaredNorms | None:
+        return self.rule.write_feedback(self.weight.detach(), self.feedback_direction, self._draw_uniform,
+                                        self.init_bound, getattr(self, "feedback_magnitude", None))
 
-    def _norm_ratio(self) -> Tensor:
+    def _norm_ratio(self, norms: SquaredNorms | None = None) -> Tensor | float:
+        """||W|| / ||direction||, from `norms` where the kernel that wrote B summed them."""
+        if norms is not None:
+            tiny = torch.finfo(self.feedback_direction.dtype).tiny
+            return math.sqrt(norms.weight) / max(math.sqrt(norms.feedback), tiny)
         weight_norm = frobenius_norm(self.weight.detach())
         direction_norm = (self.feedback_direction_norm if self.rule.fixed_direction
                           else frobenius_norm(self.feedback_direction))
@@ -195,10 +204,11 @@ class FeedbackLayer:
             weight.mul_(self.weight_norm_target / frobenius_norm(weight))
         if self.rule.write_feedback is None:
             return
+        norms = None
         if not self.rule.fixed_direction:
-            self._write_raw_feedback()
+            norms = self._write_raw_feedback()
         if self.scale == "match":
-            self.feedback_gain.copy_(self._norm_ratio())
+            self.feedback_gain.fill_(self._norm_ratio(norms))
 
     def _refreshes_before_forward(self) -> bool:
         """Whether a forward now must bring B up to date first: in training, with per-step work

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import native
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -42,7 +44,7 @@ def device_name(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict:
     return dict(git_sha=git_sha(), torch=torch.__version__, python=platform.python_version(),
                 device=str(device), device_name=device_name(device), host=socket.gethostname(),
-                threads=torch.get_num_threads(),
+                threads=torch.get_num_threads(), fused_cpu_kernel=native.loaded(),
                 time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 

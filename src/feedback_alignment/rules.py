@@ -13,6 +13,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import native
+from .native import SquaredNorms
+
 
 # How a rule uses randomness:
 #   "none"        - B is a function of W alone (bp, usf)
@@ -24,11 +27,12 @@ RANDOMNESS = ("none", "fixed", "every_step")
 @dataclass(frozen=True)
 class Rule:
     name: str
-    # Writes the unscaled feedback into `feedback` (same shape as `weight`), in place.
+    # Writes the unscaled feedback into `feedback` (same shape as `weight`), in place, and returns
+    # ||B||^2 and ||W||^2 if it computed them on the way (the fused CPU kernel), else None.
     # `draw_uniform(tensor, low, high)` fills a tensor with U(low, high) from the layer's own
-    # generator (`draw_uniform(tensor, 0, high, sign_of=weight)`: U(0, high) * sign(weight));
-    # `bound` is the layer's default init bound; `magnitude` is the rule's fixed random
-    # magnitude buffer (frsf) or None.
+    # generator (`draw_uniform(tensor, 0, high, sign_of=weight)`: U(0, high) * sign(weight),
+    # returning the norms or None); `bound` is the layer's default init bound; `magnitude` is
+    # the rule's fixed random magnitude buffer (frsf) or None.
     write_feedback: Callable[..., None] | None
     randomness: str
     # True when sign(B) == sign(W) everywhere (the sign-concordant family).
@@ -53,23 +57,34 @@ class Rule:
         return self.learning is None and self.signal == "layer"
 
 
+def _signed(weight: Tensor, feedback: Tensor, magnitude: Tensor | None = None) -> SquaredNorms | None:
+    """B = sign(W) * magnitude (1 when None): exactly 0 where W is 0. One fused pass on a CPU."""
+    if native.takes(feedback, weight, magnitude):
+        return native.signed_feedback_(feedback, weight, magnitude)
+    torch.sign(weight, out=feedback)
+    if magnitude is not None:
+        feedback.mul_(magnitude)
+    return None
+
+
 def _fixed_random(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
     # Drawn once at conversion; afterwards B only changes through rescaling.
     draw_uniform(feedback, -bound, bound)
 
 
-def _uniform_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    torch.sign(weight, out=feedback)
+def _uniform_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> SquaredNorms | None:
+    return _signed(weight, feedback)
 
 
-def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    # |R_t| * sign(W), drawn into B itself (no buffer for magnitudes that live one step). sign()
-    # keeps B exactly 0 where W is 0.
-    draw_uniform(feedback, 0.0, bound, sign_of=weight)
+def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float,
+                           magnitude) -> SquaredNorms | None:
+    # |R_t| * sign(W), drawn into B itself (no buffer for magnitudes that live one step).
+    return draw_uniform(feedback, 0.0, bound, sign_of=weight)
 
 
-def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
-    torch.sign(weight, out=feedback).mul_(magnitude)
+def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float,
+                       magnitude) -> SquaredNorms | None:
+    return _signed(weight, feedback, magnitude)
 
 
 _REGISTRY: dict[str, Rule] = {

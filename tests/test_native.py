@@ -1,0 +1,185 @@
+"""The fused CPU kernel against PyTorch's own operations and float64 sums, and how it is built."""
+import copy
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import feedback_alignment as fa
+from feedback_alignment import draws, native
+from feedback_alignment.models import build_model
+
+# Sizes around every boundary the kernel has: its 8-wide vectors, the 256-entry float sums, the
+# 4096-entry sub-blocks, the 65536-entry blocks that threads split (two blocks or more run in
+# parallel) and the 2^20-entry generator chunks of brsf's levels.
+SIZES = (1, 7, 8, 13, 255, 257, 4095, 4096 + 3, 2 * 65536 + 5, draws.FAST_CHUNK + 4 * 65536 + 11)
+
+
+def weight_with_zeros(size, seed=0):
+    weight = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    weight[::5] = 0.0  # B must be exactly 0 there
+    if size > 3:
+        weight[1], weight[2] = -0.0, float("nan")  # torch.sign gives 0 for both
+    return weight
+
+
+def float64_squares(tensor):
+    finite = torch.nan_to_num(tensor.double(), nan=0.0)
+    return (finite * finite).sum().item()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sign_times_magnitude_equals_torch(kernel, size):
+    weight = weight_with_zeros(size)
+    magnitude = torch.rand(size, generator=torch.Generator().manual_seed(1))
+    for given, expected in ((None, torch.sign(weight)), (magnitude, torch.sign(weight) * magnitude)):
+        feedback = torch.full((size,), 7.0)
+        norms = native.signed_feedback_(feedback, weight, given)
+        assert torch.equal(feedback, expected)
+        assert norms.feedback == pytest.approx(float64_squares(expected), rel=1e-6, abs=1e-30)
+        # ||W||^2 of a W with a NaN is NaN (as torch's is); checked on W without it
+        nan_free = weight.nan_to_num(0.0)
+        assert native.signed_feedback_(feedback, nan_free, given).weight == pytest.approx(
+            float64_squares(nan_free), rel=1e-6)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_signed_levels_are_numpys_sfc64_words_read_as_16_bit_levels(kernel, size):
+    # Independent reference: numpy's words per chunk, split by hand into four 16-bit levels,
+    # (2k + 1) * step with the sign of W.
+    weight = weight_with_zeros(size, seed=2).nan_to_num(0.0)
+    step = np.float32(0.37 / 2**17)
+    states = draws._chunk_states(size, 3, "layer", 9)
+    levels = []
+    for index in range(len(states)):
+        count = min(draws.FAST_CHUNK, size - index * draws.FAST_CHUNK)
+        words = np.random.SFC64(draws.stream_seed(3, "layer", 9, index)).random_raw((count + 3) // 4)
+        levels.append(words.astype("<u8").view("<u2")[:count])
+    magnitudes = (2 * np.concatenate(levels).astype(np.float32) + 1) * step
+    expected = torch.sign(weight) * torch.from_numpy(magnitudes)
+    feedback = torch.empty(size)
+    norms = native.signed_feedback_(feedback, weight, chunk_states=states, chunk=draws.FAST_CHUNK, step=float(step))
+    assert torch.equal(feedback, expected)
+    assert norms.feedback == pytest.approx(float64_squares(expected), rel=1e-6, abs=1e-30)
+    assert norms.weight == pytest.approx(float64_squares(weight), rel=1e-6)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernel):
+    size = draws.FAST_CHUNK + 9 * 65536 + 3
+    weight = weight_with_zeros(size).nan_to_num(0.0)
+    states = draws._chunk_states(size, 0, "w", 0)
+    results = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            feedback = torch.empty(size)
+            norms = native.signed_feedback_(feedback, weight, chunk_states=states, chunk=draws.FAST_CHUNK, step=1e-3)
+            results[threads] = feedback, norms
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        assert torch.equal(results[threads][0], results[1][0])
+        assert results[threads][1] == results[1][1]  # the same sums to the last bit
+
+
+@pytest.mark.parametrize("rule", ["usf", "brsf", "frsf"])
+def test_converted_model_gets_the_same_feedback_with_and_without_the_kernel(rule, monkeypatch):
+    torch.manual_seed(0)
+    base = build_model("resnet20", num_classes=10, in_channels=3, image_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    outcome = {}
+    for enabled in (True, False):
+        monkeypatch.setenv("FEEDBACK_ALIGNMENT_NATIVE", "1" if enabled else "0")
+        native.reset()
+        model = fa.convert(copy.deepcopy(base), rule=rule, scale="match", seed=4).train()
+        for _ in range(2):
+            model(images)
+        outcome[enabled] = {name: (layer.feedback_direction.clone(), layer.feedback_gain.item())
+                            for name, layer in model.named_modules() if hasattr(layer, "feedback_gain")}
+    native.reset()
+    for name, (direction, gain) in outcome[True].items():
+        assert torch.equal(direction, outcome[False][name][0]), name
+        # float64 sums in the kernel, float32 dot products without it
+        assert gain == pytest.approx(outcome[False][name][1], rel=1e-5), name
+
+
+def test_a_bad_setting_of_the_switch_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_NATIVE", "maybe")
+    native.reset()
+    with pytest.raises(ValueError, match=r"^FEEDBACK_ALIGNMENT_NATIVE='maybe': set it to 1 .* or 0 "):
+        native.library()
+    native.reset()
+
+
+def test_without_a_compiler_a_warning_and_the_same_values(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_NATIVE", "1")
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.reset()
+    weight = torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernel is not available"):
+        assert not native.takes(torch.empty(3, 4), weight)
+    layer = fa.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), rule="usf", scale="match")[0]
+    layer.train()(torch.randn(2, 4))
+    assert torch.equal(layer.feedback_direction, torch.sign(layer.weight.detach()))
+    native.reset()
+
+
+def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_CACHE", str(tmp_path))
+    native.reset()
+    built = native.library()._name
+    assert [path.name for path in tmp_path.iterdir()] == [built.split("/")[-1]]
+    modified = (tmp_path / built.split("/")[-1]).stat().st_mtime_ns
+    # Another process finds it there and loads it as is.
+    code = "from feedback_alignment import native; print(native.library()._name)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == built and (tmp_path / built.split("/")[-1]).stat().st_mtime_ns == modified
+    native.reset()
+
+
+def test_it_shares_torchs_openmp_runtime(kernel):
+    # A second OpenMP runtime would bring its own threads, which compete with torch's for the
+    # cores. In a fresh process (other packages bring their own runtimes): loading the kernel
+    # maps no OpenMP library that torch had not mapped already.
+    code = """if True:
+        import json
+        import torch
+        from feedback_alignment import native
+        def runtimes():
+            with open("/proc/self/maps") as maps:
+                return {line.split()[-1] for line in maps if "omp" in line.split()[-1]}
+        before = runtimes()
+        assert native.library() is not None
+        print(json.dumps([sorted(before), sorted(runtimes())]))
+    """
+    before, after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout)
+    assert before and after == before
+
+
+def test_states_that_do_not_fit_the_tensor_are_refused(kernel):
+    weight = torch.randn(10)
+    with pytest.raises(ValueError, match="1 generator states for chunks of 4 entries do not fit 10 entries"):
+        native.signed_feedback_(torch.empty(10), weight, chunk_states=draws._chunk_states(4, 0, "w", 0),
+                                chunk=4, step=1.0)
+
+
+def test_the_kernel_stays_out_of_torch_compile_and_other_tensors(kernel):
+    weight = torch.randn(4, 4)
+    assert native.takes(torch.empty(4, 4), weight)
+    assert not native.takes(torch.empty(4, 4, dtype=torch.float64), weight.double())
+    assert not native.takes(torch.empty(4, 4).t(), weight)
+    assert not native.takes(torch.empty(4, 4), weight, torch.rand(4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback under tracing must not warn either
+
+        @torch.compile(backend="eager", fullgraph=True)
+        def traced(w):
+            return native.takes(torch.empty_like(w), w)
+        assert traced(weight) is False
