@@ -4,11 +4,12 @@ Every draw is identified by (seed, layer name, draw index); it is made in chunks
 own generator seeded by a hash of that identity and the chunk index. So the same seed gives the
 same B whatever else consumed random numbers, a resumed run continues the stream from the draw
 counter, DDP ranks agree without communicating, and the values never depend on how many threads
-a machine has. Chunks are filled one after another: spreading them over a thread pool was
-slower on a 2-core CPU, where OpenMP's workers keep spinning for a while after every parallel
-region of the training step and take the pool's cores (BENCHMARKS.md). The generators are
-torch's (Mersenne Twister on a CPU, Philox on a GPU), except numpy's SFC64 for the per-step
-draws on a CPU, which the fused kernel of native.py reproduces word for word when it is built.
+a machine has. The generators are torch's (Mersenne Twister on a CPU, Philox on a GPU), except
+numpy's SFC64 for the per-step draws on a CPU. Here those chunks are filled one after another: a
+Python thread pool was slower on a 2-core CPU, where OpenMP's workers keep spinning for a while
+after every parallel region of the training step and take the pool's cores (BENCHMARKS.md).
+native.py's fused kernel, when it is built, makes the same SFC64 words on those OpenMP threads
+themselves.
 """
 from __future__ import annotations
 
