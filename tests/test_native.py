@@ -87,6 +87,22 @@ def test_results_do_not_depend_on_the_thread_count(kernel):
         assert results[threads][1] == results[1][1]  # the same sums to the last bit
 
 
+def test_the_baseline_build_agrees_with_the_vector_clone_to_the_bit(kernel, monkeypatch, tmp_path):
+    # On x86-64 each function has an AVX2 clone, picked on CPUs that have AVX2 (this one: so the
+    # tests above ran it), and a baseline one for the others: built alone here, the same values.
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_CACHE", str(tmp_path))
+    baseline = native.load(extra_flags=("-DFA_BASELINE_ONLY",))
+    size = 3 * 65536 + 4099
+    weight = weight_with_zeros(size, seed=5).nan_to_num(0.0)
+    magnitude = torch.rand(size)
+    states = draws._chunk_states(size, 1, "b", 2)
+    for arguments in (dict(), dict(magnitude=magnitude), dict(chunk_states=states, chunk=draws.FAST_CHUNK, step=1e-4)):
+        default, reference = torch.empty(size), torch.empty(size)
+        norms = native.signed_feedback_(default, weight, **arguments)
+        assert native.signed_feedback_(reference, weight, **arguments, kernel=baseline) == norms
+        assert torch.equal(default, reference)
+
+
 @pytest.mark.parametrize("rule", ["usf", "brsf", "frsf"])
 def test_converted_model_gets_the_same_feedback_with_and_without_the_kernel(rule, monkeypatch):
     torch.manual_seed(0)

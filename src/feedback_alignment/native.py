@@ -61,11 +61,11 @@ def _cache_directory() -> Path:
     return Path(base) / "feedback_alignment"
 
 
-def _build(source: bytes) -> Path:
-    """The compiled kernel for this source and compiler, built now unless the cache has it."""
+def _build(source: bytes, flags: list[str]) -> Path:
+    """The compiled kernel for this source, compiler and flags, built now unless the cache has it."""
     compiler = os.environ.get("CC", "cc")
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(source + version + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + version + " ".join(flags).encode()).hexdigest()[:16]
     directory = _cache_directory()
     target = directory / f"signed_feedback-{key}.so"
     if target.exists():
@@ -75,7 +75,7 @@ def _build(source: bytes) -> Path:
         source_path = Path(scratch) / _SOURCE
         source_path.write_bytes(source)
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *_FLAGS, str(source_path), "-o", str(built)],
+        result = subprocess.run([compiler, *flags, str(source_path), "-o", str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
@@ -94,20 +94,25 @@ def library() -> ctypes.CDLL | None:
     if not _enabled_by_environment():
         return None
     try:
-        source = resources.files("feedback_alignment").joinpath("resources", _SOURCE).read_bytes()
-        loaded = ctypes.CDLL(str(_build(source)))
+        _library = load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"feedback_alignment: the fused CPU kernel is not available ({error}); per-step "
                       f"feedback uses PyTorch operations, which give the same values more slowly. "
                       f"Set {_ENABLE_VARIABLE}=0 to silence this.", RuntimeWarning, stacklevel=2)
         return None
+    log.debug("fused CPU kernel loaded from %s", _library._name)
+    return _library
+
+
+def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (or find in the cache) and load the kernel; raises where it cannot be built."""
+    source = resources.files("feedback_alignment").joinpath("resources", _SOURCE).read_bytes()
+    loaded = ctypes.CDLL(str(_build(source, [*_FLAGS, *extra_flags])))
     function = loaded.fa_signed_feedback
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
-    _library = loaded
-    log.debug("fused CPU kernel loaded from %s", loaded._name)
-    return _library
+    return loaded
 
 
 def loaded() -> str | None:
@@ -133,10 +138,11 @@ def takes(feedback: Tensor, weight: Tensor, magnitude: Tensor | None = None) -> 
 
 
 def signed_feedback_(feedback: Tensor, weight: Tensor, magnitude: Tensor | None = None,
-                     chunk_states: np.ndarray | None = None, chunk: int = 0, step: float = 0.0) -> SquaredNorms:
+                     chunk_states: np.ndarray | None = None, chunk: int = 0, step: float = 0.0,
+                     kernel: ctypes.CDLL | None = None) -> SquaredNorms:
     """B = sign(W) * magnitude, where the magnitude is `magnitude`, or the levels (2k + 1) * step
     of SFC64 generators whose states `chunk_states` (chunks x 4 uint64) start each `chunk` entries,
-    or else 1. Call only where `takes` says yes."""
+    or else 1. Call only where `takes` says yes (`kernel`: another build of it, for tests)."""
     norms = (ctypes.c_double * 2)()
     address = None if magnitude is None else magnitude.data_ptr()
     states = None
@@ -146,7 +152,7 @@ def signed_feedback_(feedback: Tensor, weight: Tensor, magnitude: Tensor | None 
                              f"{weight.numel()} entries (chunks must be a multiple of {LEVEL_CHUNK_MULTIPLE})")
         chunk_states = np.ascontiguousarray(chunk_states, dtype=np.uint64)
         states = chunk_states.ctypes.data
-    if library().fa_signed_feedback(weight.data_ptr(), feedback.data_ptr(), weight.numel(), address, states,
+    if (kernel or library()).fa_signed_feedback(weight.data_ptr(), feedback.data_ptr(), weight.numel(), address, states,
                                     chunk, step, norms) != 0:
         raise MemoryError("fa_signed_feedback: out of memory for its partial sums")
     return SquaredNorms(norms[0], norms[1])

@@ -21,7 +21,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FA_BASELINE_ONLY)
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
