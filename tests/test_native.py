@@ -192,6 +192,7 @@ def test_the_kernel_stays_out_of_torch_compile_and_other_tensors(kernel):
     assert not native.takes(torch.empty(4, 4, dtype=torch.float64), weight.double())
     assert not native.takes(torch.empty(4, 4).t(), weight)
     assert not native.takes(torch.empty(4, 4), weight, torch.rand(4, 1))
+    assert not native.takes(torch.empty(0, 4), torch.empty(0, 4))  # nothing to write: the PyTorch path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback under tracing must not warn either
 
@@ -199,3 +200,11 @@ def test_the_kernel_stays_out_of_torch_compile_and_other_tensors(kernel):
         def traced(w):
             return native.takes(torch.empty_like(w), w)
         assert traced(weight) is False
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("rule", ["usf", "brsf", "frsf"])
+def test_a_layer_without_weights_refreshes_without_error(rule, fused_kernel):
+    layer = fa.convert(torch.nn.Sequential(torch.nn.Linear(0, 3)), rule=rule, scale="match")[0]
+    assert layer.train()(torch.randn(2, 0)).shape == (2, 3)
+    assert layer.feedback_direction.shape == (3, 0) and layer.feedback_gain.item() == 0.0

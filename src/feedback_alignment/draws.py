@@ -86,6 +86,8 @@ def _random_words(count: int, seed: int, device: torch.device) -> Tensor:
 def _fast_levels_(tensor: Tensor, seed: int, layer_name: str, draw: int) -> Tensor:
     """Fill the contiguous `tensor` with integers k uniform on {0, ..., 2^16 - 1}: a random 64-bit
     word read as four uint16 values, FAST_CHUNK entries per generator."""
+    if tensor.numel() == 0:  # no words to read (a layer with no inputs or outputs)
+        return tensor
     for index, chunk in enumerate(tensor.view(-1).split(FAST_CHUNK)):
         words = _random_words((chunk.numel() + 3) // 4, stream_seed(seed, layer_name, draw, index), chunk.device)
         chunk.copy_(words.view(torch.uint16)[:chunk.numel()])

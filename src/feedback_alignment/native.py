@@ -128,8 +128,9 @@ def reset() -> None:
 
 
 def takes(feedback: Tensor, weight: Tensor, magnitude: Tensor | None = None) -> bool:
-    """Whether the kernel can write this B: dense float32 CPU tensors of one shape, outside tracing."""
-    if torch.compiler.is_compiling():  # a traced tensor has no memory to hand to C
+    """Whether the kernel can write this B: dense, non-empty float32 CPU tensors of one shape,
+    outside tracing."""
+    if torch.compiler.is_compiling() or weight.numel() == 0:  # a traced tensor has no memory to hand to C
         return False
     tensors = (feedback, weight) if magnitude is None else (feedback, weight, magnitude)
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
@@ -152,7 +153,8 @@ def signed_feedback_(feedback: Tensor, weight: Tensor, magnitude: Tensor | None 
                              f"{weight.numel()} entries (chunks must be a multiple of {LEVEL_CHUNK_MULTIPLE})")
         chunk_states = np.ascontiguousarray(chunk_states, dtype=np.uint64)
         states = chunk_states.ctypes.data
-    if (kernel or library()).fa_signed_feedback(weight.data_ptr(), feedback.data_ptr(), weight.numel(), address, states,
-                                    chunk, step, norms) != 0:
+    status = (kernel or library()).fa_signed_feedback(weight.data_ptr(), feedback.data_ptr(), weight.numel(),
+                                                      address, states, chunk, step, norms)
+    if status != 0:
         raise MemoryError("fa_signed_feedback: out of memory for its partial sums")
     return SquaredNorms(norms[0], norms[1])
