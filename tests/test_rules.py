@@ -285,6 +285,7 @@ def test_signed_fast_draw_equals_the_fast_draw_times_the_sign(channels_last, fus
     # brsf's signed draw (by the fused CPU kernel, or in PyTorch operations) must give, bit for
     # bit, fast_uniform_'s magnitudes times torch.sign(W), zeros of W included.
     from feedback_alignment import draws
+
     weight = torch.randn(40, 8, 3, 3)
     weight[0, :, 0, 0] = 0.0
     if channels_last:

@@ -90,8 +90,9 @@ def library() -> ctypes.CDLL | None:
     global _library, _tried
     if _tried:
         return _library
+    enabled = _enabled_by_environment()  # before _tried: a bad value is refused at every call
     _tried = True
-    if not _enabled_by_environment():
+    if not enabled:
         return None
     try:
         _library = load()

@@ -33,7 +33,7 @@ class Rule:
     # generator (`draw_uniform(tensor, 0, high, sign_of=weight)`: U(0, high) * sign(weight),
     # returning the norms or None); `bound` is the layer's default init bound; `magnitude` is
     # the rule's fixed random magnitude buffer (frsf) or None.
-    write_feedback: Callable[..., None] | None
+    write_feedback: Callable[..., SquaredNorms | None] | None
     randomness: str
     # True when sign(B) == sign(W) everywhere (the sign-concordant family).
     sign_concordant: bool
