@@ -61,10 +61,10 @@ def test_the_model_refreshes_every_layer_once_per_training_forward_before_it_run
     model = fa.convert(small_net(), rule="brsf", scale="match")
     layers = [layer for _, layer in fa.feedback_layers(model)]
     draws_before = [int(layer.feedback_draws) for layer in layers]
-    seen = []  # B's signs when each layer's forward starts: already those of the current W
-    hooks = [layer.register_forward_pre_hook(
-        lambda layer, args: seen.append(torch.equal(layer.feedback_direction.sign(), layer.weight.sign())))
-        for layer in layers]
+    seen = []  # B's signs once the model's forward starts: already those of the current W
+    # (A pre-hook on a layer would make that layer refresh in its own forward, after the hook.)
+    hooks = [model.register_forward_pre_hook(lambda model, args: seen.extend(
+        torch.equal(layer.feedback_direction.sign(), layer.weight.sign()) for layer in layers))]
     with torch.no_grad():
         for layer in layers:
             layer.weight.neg_()  # as an optimizer step would: B must follow before the forward

@@ -5,9 +5,13 @@
 """
 from . import alignment, mirror, optim
 from .convert import convert, feedback_layers
-from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
+from .attention import FeedbackMultiheadAttention
+from .layers import (FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackConvTranspose1d,
+                     FeedbackConvTranspose2d, FeedbackConvTranspose3d, FeedbackLayer, FeedbackLinear)
 from .rules import RULES, SCALES, get_rule
 
 __all__ = ["alignment", "mirror", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
-           "FeedbackConv2d", "FeedbackLayer", "FeedbackLinear"]
+           "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d", "FeedbackConvTranspose1d",
+           "FeedbackConvTranspose2d", "FeedbackConvTranspose3d", "FeedbackLayer", "FeedbackLinear",
+           "FeedbackMultiheadAttention"]
 __version__ = "0.1.0"

@@ -37,9 +37,15 @@ def angle_degrees(a: Tensor, b: Tensor) -> float:
 
 @contextlib.contextmanager
 def _untouched(model: nn.Module, devices):
-    """Restore parameters' .grad, every buffer and the random streams when the block ends."""
+    """Restore parameters' .grad, every buffer (the tensor objects and their values, so that a B
+    drawn during the block, as dfa draws at its first forward, is undrawn), the layers' draw
+    bookkeeping, train/eval mode and the random streams when the block ends."""
     grads = {p: p.grad for p in model.parameters()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = {m: dict(m._buffers) for m in model.modules()}
+    values = [(b, b.detach().clone()) for m in buffers for b in m._buffers.values() if b is not None]
+    layers = {m: (m._fresh_for, m._refreshed_ahead, m._awaiting_first_draw, list(m._pending_backward))
+              for m in model.modules() if isinstance(m, FeedbackLayer)}
+    sources = {id(s): (s, s.current) for m in layers if (s := getattr(m, "direct_source", None)) is not None}
     cpu_rng = torch.get_rng_state()
     cuda_rng = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
     training = {m: m.training for m in model.modules()}
@@ -48,9 +54,17 @@ def _untouched(model: nn.Module, devices):
     finally:
         for parameter, grad in grads.items():
             parameter.grad = grad
+        for module, saved in buffers.items():
+            module._buffers.clear()
+            module._buffers.update(saved)
         with torch.no_grad():
-            for buffer, saved in buffers:
+            for buffer, saved in values:
                 buffer.copy_(saved)
+        for layer, (fresh_for, ahead, awaiting, pending) in layers.items():
+            layer._fresh_for, layer._refreshed_ahead, layer._awaiting_first_draw = fresh_for, ahead, awaiting
+            layer._pending_backward[:] = pending
+        for source, current in sources.values():
+            source.current = current
         torch.set_rng_state(cpu_rng)
         for device, state in cuda_rng.items():
             torch.cuda.set_rng_state(state, device)
@@ -75,6 +89,9 @@ def _pass(model, layers, inputs, targets, loss_fn, exact: bool):
             return (tensor, *args[1:])
         return hook
 
+    sources = {id(s): s for _, layer in layers if (s := getattr(layer, "direct_source", None)) is not None}
+    for source in sources.values():
+        source.exact = exact  # dfa's output check: the backprop pass runs the classifier plain
     for name, layer in layers:
         layer._exact_backprop = exact
         handles.append(layer.register_forward_pre_hook(capture(name)))
@@ -88,6 +105,8 @@ def _pass(model, layers, inputs, targets, loss_fn, exact: bool):
             handle.remove()
         for _, layer in layers:
             layer._exact_backprop = False
+        for source in sources.values():
+            source.exact = False
     return {name: (layer.weight.grad.detach().clone(), input_grads.get(name)) for name, layer in layers}
 
 

@@ -22,42 +22,49 @@ from torch import Tensor
 class DirectFeedbackFunction(torch.autograd.Function):
     """DFA: the forward of a conv or linear layer; in the backward, true weight and bias
     gradients from the arriving grad_output, and as the input gradient the model's output error
-    times this layer's B (classes x input size), not the true one, which is never computed."""
+    times this layer's B (classes x input size), not the true one, which is never computed.
+    `pad` (F.pad's arguments, or None) is applied inside, so that B and the error it sends are
+    sized for the layer's own input whatever its padding mode."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, feedback, error, layer_name, conv_args):
-        ctx.save_for_backward(input, weight, feedback)
-        ctx.error, ctx.layer_name, ctx.conv_args = error, layer_name, conv_args
+    def forward(ctx, input, weight, bias, feedback, error, layer_name, conv, pad):
+        ctx.save_for_backward(input)
+        # W only gives the weight gradient its shape: kept as an attribute, so that a weight-norm
+        # constraint rescaling it in place before the backward trips no version check.
+        ctx.weight, ctx.feedback, ctx.error, ctx.layer_name = weight, feedback, error, layer_name
+        ctx.conv, ctx.pad = conv, pad
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        if conv_args is None:
+        if conv is None:
             return F.linear(input, weight, bias)
-        return F.conv2d(input, weight, bias, *conv_args)
+        return torch.convolution(F.pad(input, *pad) if pad else input, weight, bias, *conv)
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, feedback = ctx.saved_tensors
+        input, = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
-        if ctx.conv_args is None:
+        if ctx.conv is None:
             flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
             if need_weight:
                 grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
             if need_bias and ctx.bias_sizes is not None:
                 grad_bias = flat_grad.sum(0)
         elif need_weight or need_bias:
-            stride, padding, dilation, groups = ctx.conv_args
+            conv = ctx.conv
+            padded = F.pad(input, *ctx.pad) if ctx.pad else input
             # No input gradient asked for: W only gives the weight gradient its shape.
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_output, input, weight, ctx.bias_sizes,
-                stride, padding, dilation, False, [0, 0], groups,
+                grad_output, padded, ctx.weight.detach(), ctx.bias_sizes, conv.stride, conv.padding,
+                conv.dilation, conv.transposed, conv.output_padding, conv.groups,
                 [False, need_weight, need_bias and ctx.bias_sizes is not None])
         if need_input:
             error = ctx.error.value
             if error is None:
                 raise RuntimeError(f"dfa layer {ctx.layer_name!r} has no output error to project: "
                                    "the loss must be computed from the model's output (the class scores)")
+            feedback = ctx.feedback
             grad_input = error.to(feedback.dtype).mm(feedback).view(input.shape).to(input.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 class OutputError:
@@ -78,6 +85,8 @@ class DirectFeedbackSource:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.current = OutputError()
+        # Set by alignment.measure while its backprop pass runs the layers as plain ones.
+        self.exact = False
 
     def begin(self, module, args) -> None:
         self.current = OutputError()
@@ -88,4 +97,15 @@ class DirectFeedbackSource:
         if output.dim() != 2 or output.shape[1] != self.num_classes:
             raise ValueError(f"dfa needs the model's output to be class scores (batch x "
                              f"{self.num_classes}), got shape {tuple(output.shape)}")
+        if not (torch.compiler.is_compiling() or self.exact or _made_by_dfa_layer(output)):
+            # dL/d(log p) after a LogSoftmax, or the error of anything computed after the
+            # classifier, is not the output error that dfa sends to every layer.
+            made_by = type(output.grad_fn).__name__ if output.grad_fn is not None else "no operation"
+            raise ValueError(f"dfa needs the model to return its last layer's output (the logits), but "
+                             f"this model's output is made by {made_by}: return the logits and apply "
+                             "softmax or log-softmax in the loss")
         output.register_hook(self.current.store)
+
+
+def _made_by_dfa_layer(output: Tensor) -> bool:
+    return isinstance(output.grad_fn, DirectFeedbackFunction._backward_cls)

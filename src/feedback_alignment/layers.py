@@ -1,100 +1,43 @@
-"""Conv2d and Linear layers whose backward sends the error through a feedback weight B.
-
-Forward, weight gradient and bias gradient are exactly those of nn.Conv2d / nn.Linear; only the
-input gradient uses B instead of W. The weight gradient of a convolution depends on the weight's
-shape alone, so a single `convolution_backward` call given B in W's place yields all three
-gradients at the cost of plain backprop.
+"""Feedback layers: torch's convolutions and linear maps whose backward sends the error through a
+feedback weight B instead of W (functions.py has the autograd Functions).
 
 B is kept as a direction and a gain, B = feedback_direction * feedback_gain, both buffers (with
-the fixed random magnitudes of frsf and the draw counter): saved in state_dict, moved by .to(),
-never seen by an optimizer (except under Kolen-Pollack, whose B the optimizer learns: there
-feedback_direction is a Parameter, and its gradient is W's). Keeping the gain apart means
-`scale="match"` costs one norm per step instead of rewriting every entry of B; the backward
-applies the gain to B or to the input gradient, whichever is smaller. dfa's layers use the
-Function of direct.py instead.
+the fixed random magnitudes of frsf, the seed and the draw counter): saved in state_dict, moved
+by .to(), never seen by an optimizer (except under Kolen-Pollack, whose B the optimizer learns:
+there feedback_direction is a Parameter, and its gradient is W's). Keeping the gain apart means
+`scale="match"` costs one norm per step instead of rewriting every entry of B.
+
+The life of B, forward by forward:
+- B is brought up to date (signs of the current W, brsf's fresh draw, the matched gain, the
+  weight-norm constraint) before every forward that records gradients through the layer, in
+  training or eval mode alike, after the layer's own pre-hooks and parametrizations have made
+  that forward's W. The model's forward pre-hook (convert puts it there) does it for all plain
+  layers at once; the rest do it in their own forward.
+- Each backward uses the B and gain of its own forward. B is overwritten in place (no copy on
+  the hot path) unless a forward whose backward has not run yet still holds it; that backward
+  then gets a copy first (copy on write). So two forwards before one backward, a module used
+  twice in one forward and retain_graph all see their own B.
+- A forward run by the autograd engine during a backward (activation checkpointing recomputing a
+  segment) makes no new draw: it uses B as it is, unless W has changed since B was made (the
+  checkpointed forward ran without gradients and so never refreshed it).
+dfa's layers use the Function of direct.py instead.
 """
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import draws
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
+from .functions import ConvArgs, FeedbackConvFunction, FeedbackLinearFunction, saved_tensors_alive
 from .native import SquaredNorms
 from .rules import Rule, check_scale, default_init_bound, get_rule
-
-# The overload itself: calling the packet resolves it anew on every call.
-_convolution_backward = torch.ops.aten.convolution_backward.default
-
-
-def _apply_gain(feedback: Tensor, gain: Tensor | None, grad_input_numel: int):
-    """(B, factor for the input gradient): B = direction * gain is linear in the gain, so scale
-    whichever is smaller, the direction or the input gradient. No gain (scale "none"): B as is."""
-    if gain is None:
-        return feedback, None
-    if gain.dtype != feedback.dtype:
-        gain = gain.to(feedback.dtype)
-    if feedback.numel() <= grad_input_numel:
-        return feedback * gain, None
-    return feedback, gain
-
-
-# In both Functions, `direction` needs a gradient only under Kolen-Pollack, and then it is the
-# weight's gradient: computed once, handed to both. `gain` is None where it is 1 for good.
-
-class _FeedbackConv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, direction, gain, stride, padding, dilation, groups):
-        ctx.save_for_backward(input, direction, gain)
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, direction, gain = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
-        feedback, input_factor = _apply_gain(direction.detach(), gain, input.numel() if need_input else 0)
-        grad_input, grad_weight, grad_bias = _convolution_backward(
-            grad_output, input, feedback, ctx.bias_sizes,
-            stride, padding, dilation, False, [0, 0], groups,
-            [need_input, need_weight or need_direction, need_bias and ctx.bias_sizes is not None],
-        )
-        if grad_input is not None and input_factor is not None:
-            grad_input = grad_input.mul_(input_factor)
-        grad_direction = grad_weight if need_direction else None
-        return (grad_input, grad_weight if need_weight else None, grad_bias, grad_direction,
-                None, None, None, None, None)
-
-
-class _FeedbackLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, direction, gain):
-        ctx.save_for_backward(input, direction, gain)
-        ctx.has_bias = bias is not None
-        return F.linear(input, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, direction, gain = ctx.saved_tensors
-        need_input, need_weight, need_bias, need_direction = ctx.needs_input_grad[:4]
-        grad_input = grad_weight = grad_bias = None
-        if need_input:
-            feedback, input_factor = _apply_gain(direction.detach(), gain, input.numel())
-            grad_input = grad_output.matmul(feedback)
-            if input_factor is not None:
-                grad_input = grad_input.mul_(input_factor)
-        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-        if need_weight or need_direction:
-            grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
-        if need_bias and ctx.has_bias:
-            grad_bias = flat_grad.sum(0)
-        grad_direction = grad_weight if need_direction else None
-        return grad_input, grad_weight if need_weight else None, grad_bias, grad_direction, None
 
 
 def frobenius_norm(tensor: Tensor) -> Tensor:
@@ -108,14 +51,25 @@ def frobenius_norm(tensor: Tensor) -> Tensor:
 
 
 def _cast_for_autocast(device_type: str, *tensors):
-    """What autocast would do to conv2d/linear arguments; our Function then runs outside autocast
-    so that forward and backward see one dtype (the bf16 crash the peers have)."""
+    """What autocast would do to conv/linear arguments; our Function then runs outside autocast
+    so that forward and backward see one dtype."""
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward on this thread (a forward called now is
+    a recomputation: activation checkpointing)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _same_versions(a, b) -> bool:
+    return (a is not None and b is not None and len(a) == len(b)
+            and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b)))
+
+
 class FeedbackLayer:
-    """State and per-step work shared by FeedbackConv2d and FeedbackLinear (a mixin)."""
+    """State and per-forward work of every feedback layer (a mixin in front of the torch class)."""
 
     rule: Rule
     scale: str
@@ -129,33 +83,66 @@ class FeedbackLayer:
         self.constrain_weight_norm = bool(constrain_weight_norm)
         weight = self.weight.detach()
         self.init_bound = default_init_bound(weight)
-        if self.constrain_weight_norm:
-            self.register_buffer("weight_norm_target", frobenius_norm(weight).to(torch.float32))
-        # Whether refresh_feedback_ has anything to do before a training forward.
+        # Autograd nodes of forwards that may still need this B (copy on write, module docstring).
+        self._pending_backward: list[weakref.ref] = []
+        # (tensor, version) pairs of what W was made from when B was last brought up to date.
+        self._fresh_for = None
+        self._refreshed_ahead = False
+        # Whether refresh_feedback_ has anything to do before a forward.
         self._refreshes = self.constrain_weight_norm or (
             self.rule.write_feedback is not None and (not self.rule.fixed_direction or self.scale == "match"))
-        # Counts random draws, so that a resumed or replicated layer continues the same stream.
+        # The stream's identity and position travel with the state: a resumed or replicated layer
+        # continues the same stream.
+        self.register_buffer("feedback_seed", torch.tensor(self.seed, dtype=torch.int64))
         self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
-        if self.rule.write_feedback is None:  # bp: B is W itself, nothing to keep
-            return
+        if self.constrain_weight_norm:
+            self.register_buffer("weight_norm_target", torch.empty((), dtype=torch.float32, device=weight.device))
         if self.rule.signal == "direct":
-            # classes x input size, drawn at the first training forward (sizes unknown until then).
+            # classes x input size, drawn at the first forward that needs it (sizes unknown until then).
             self.register_buffer("feedback_direction", weight.new_empty(0))
             self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
             self.direct_source: DirectFeedbackSource | None = None  # set by convert
+        elif self.rule.write_feedback is not None:
+            if self.rule.keeps_magnitude:
+                self.register_buffer("feedback_magnitude", torch.empty_like(weight))
+            self.register_buffer("feedback_direction", torch.empty_like(weight))
+            self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
+            if self.rule.learning == "gradient":  # trained by the optimizer, beside W
+                self.feedback_direction = nn.Parameter(self._buffers.pop("feedback_direction"))
+                self.feedback_direction._kolen_pollack_feedback = True
+            if self.rule.fixed_direction and self.rule.scalable:  # one norm per step, not two
+                self.register_buffer("feedback_direction_norm", torch.empty((), dtype=weight.dtype,
+                                                                            device=weight.device))
+        # On the meta device there are no values to draw from: the draws wait for real memory.
+        self._awaiting_first_draw = True
+        if not weight.is_meta:
+            self._draw_initial_feedback(weight)
+
+    @torch.no_grad()
+    def _draw_initial_feedback(self, weight: Tensor) -> None:
+        """What conversion sets from W: the norm target, fixed random values, B and its gain."""
+        self._awaiting_first_draw = False
+        self.feedback_draws.zero_()
+        self.feedback_seed.fill_(self.seed)
+        if self.constrain_weight_norm:
+            self.weight_norm_target.copy_(frobenius_norm(weight))
+        if self.rule.write_feedback is None:
+            return
+        self.feedback_gain.fill_(1.0)
+        if self.rule.signal == "direct":
             return
         if self.rule.keeps_magnitude:
-            self.register_buffer("feedback_magnitude", torch.empty_like(weight))
             self._draw_uniform(self.feedback_magnitude, 0.0, self.init_bound)
-        self.register_buffer("feedback_direction", torch.empty_like(weight))
-        self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
-        self._write_raw_feedback()
-        if self.rule.learning == "gradient":  # trained by the optimizer, beside W
-            self.feedback_direction = nn.Parameter(self._buffers.pop("feedback_direction"))
-        if self.rule.fixed_direction and self.rule.scalable:  # one norm per step, not two
-            self.register_buffer("feedback_direction_norm", frobenius_norm(self.feedback_direction))
+        self._write_raw_feedback(weight)
+        if self.rule.fixed_direction and self.rule.scalable:
+            self.feedback_direction_norm.copy_(frobenius_norm(self.feedback_direction))
         if self.scale != "none":
-            self.feedback_gain.fill_(self._norm_ratio())
+            self.feedback_gain.fill_(self._norm_ratio(weight))
+
+    def _draws_if_materialized(self, weight: Tensor) -> None:
+        """A layer converted on the meta device draws once its tensors hold real memory."""
+        if self._awaiting_first_draw and not weight.is_meta:
+            self._draw_initial_feedback(weight.detach())
 
     # -- random draws ---------------------------------------------------------------------
     def _draw_uniform(self, tensor: Tensor, low: float, high: float,
@@ -179,51 +166,123 @@ class FeedbackLayer:
         draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
         return None
 
+
     # -- per-step work --------------------------------------------------------------------
-    def _write_raw_feedback(self) -> SquaredNorms | None:
-        return self.rule.write_feedback(self.weight.detach(), self.feedback_direction, self._draw_uniform,
+    def _write_raw_feedback(self, weight: Tensor) -> SquaredNorms | None:
+        return self.rule.write_feedback(weight.detach(), self.feedback_direction, self._draw_uniform,
                                         self.init_bound, getattr(self, "feedback_magnitude", None))
 
-    def _norm_ratio(self, norms: SquaredNorms | None = None) -> Tensor | float:
+    def _norm_ratio(self, weight: Tensor, norms: SquaredNorms | None = None) -> Tensor | float:
         """||W|| / ||direction||, from `norms` where the kernel that wrote B summed them."""
         if norms is not None:
             tiny = torch.finfo(self.feedback_direction.dtype).tiny
             return math.sqrt(norms.weight) / max(math.sqrt(norms.feedback), tiny)
-        weight_norm = frobenius_norm(self.weight.detach())
+        weight_norm = frobenius_norm(weight.detach())
         direction_norm = (self.feedback_direction_norm if self.rule.fixed_direction
                           else frobenius_norm(self.feedback_direction))
         # The direction is 0 only where W = 0 everywhere; the clamp keeps B = 0 there, not NaN.
         return weight_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
 
+    def _weight_versions(self, weight: Tensor) -> tuple:
+        """What this forward's W is made from, with the tensors' in-place version counters: the
+        parametrization's own tensors for a parametrized W, else W itself (a W remade by a hook
+        is a new tensor each time)."""
+        if parametrize.is_parametrized(self, "weight"):
+            return tuple((t, t._version) for t in self.parametrizations["weight"].parameters())
+        return ((weight, weight._version),)
+
     @torch.no_grad()
-    def refresh_feedback_(self) -> None:
-        """Bring W and B up to date before a training forward: weight-norm constraint, signs of
-        the current W, a fresh draw (brsf), and the feedback scale."""
+    def refresh_feedback_(self, weight: Tensor | None = None) -> None:
+        """Bring W and B up to date for a forward with weight `weight` (default: the layer's):
+        weight-norm constraint, signs of the current W, a fresh draw (brsf), the feedback scale."""
+        weight = self.weight if weight is None else weight
+        self._draws_if_materialized(weight)
         if self.constrain_weight_norm:
-            weight = self.weight
             weight.mul_(self.weight_norm_target / frobenius_norm(weight))
-        if self.rule.write_feedback is None:
+        if self.rule.write_feedback is not None:
+            rewrites = not self.rule.fixed_direction
+            self._copy_for_pending_backward(direction=rewrites, gain=self.scale == "match")
+            norms = self._write_raw_feedback(weight) if rewrites else None
+            if self.scale == "match":
+                self.feedback_gain.fill_(self._norm_ratio(weight, norms))
+        self._fresh_for = self._weight_versions(weight)
+
+    def _prepare_feedback(self, weight: Tensor) -> None:
+        """Before a forward that records gradients through the layer: B up to date for `weight`."""
+        self._draws_if_materialized(weight)
+        if self.rule.learning == "gradient":
+            self._check_feedback_is_stepped(weight)
+        # Under torch.func transforms state cannot change (no draws, no buffer writes): those
+        # forwards use B as the latest eager forward left it.
+        if not self._refreshes or self._feedback_frozen or torch._C._are_functorch_transforms_active():
             return
-        norms = None
-        if not self.rule.fixed_direction:
-            norms = self._write_raw_feedback()
-        if self.scale == "match":
-            self.feedback_gain.fill_(self._norm_ratio(norms))
+        ahead, self._refreshed_ahead = self._refreshed_ahead, False
+        if (ahead or in_backward()) and _same_versions(self._fresh_for, self._weight_versions(weight)):
+            return  # the model's pre-hook did it for this forward, or this forward is a recomputation
+        self.refresh_feedback_(weight)
 
-    def _refreshes_before_forward(self) -> bool:
-        """Whether a forward now must bring B up to date first: in training, with per-step work
-        to do, and B not frozen by alignment.measure."""
-        return self.training and self._refreshes and not self._feedback_frozen
+    def refreshes_ahead(self) -> bool:
+        """Whether the model's pre-hook may bring this layer up to date before the model's forward:
+        not when the layer's own pre-hooks or parametrization make W during its forward."""
+        return (self._refreshes and not self._feedback_frozen and not self._forward_pre_hooks
+                and not parametrize.is_parametrized(self, "weight") and self.weight.requires_grad)
 
-    # W's version counter when refresh_ahead_of_forward refreshed this layer; None otherwise.
-    _refreshed_at_version: int | None = None
+    # -- copy on write ----------------------------------------------------------------------
+    def _note_pending_backward(self, output: Tensor) -> None:
+        if torch.compiler.is_compiling():  # a compiled graph keeps what its backward needs itself
+            return
+        node = output.grad_fn
+        if node is None:
+            return
+        pending = self._pending_backward
+        if len(pending) >= 8:  # forwards whose graph was dropped without a backward
+            pending[:] = [ref for ref in pending if (n := ref()) is not None and saved_tensors_alive(n)]
+        pending.append(weakref.ref(node))
 
-    def _refresh_unless_done_ahead(self) -> None:
-        """The per-step refresh, unless the model's pre-hook did it for this forward (and W has
-        not changed in place since: an optimizer step in between means refreshing again)."""
-        done_at, self._refreshed_at_version = self._refreshed_at_version, None
-        if done_at is None or done_at != self.weight._version:
-            self.refresh_feedback_()
+    def _copy_for_pending_backward(self, direction: bool, gain: bool) -> None:
+        """About to overwrite B's direction and/or gain in place: every forward whose backward has
+        not run yet and that holds them gets a copy of its own first."""
+        if not self._pending_backward or torch.compiler.is_compiling():
+            return
+        nodes = [n for ref in self._pending_backward if (n := ref()) is not None and saved_tensors_alive(n)]
+        self._pending_backward.clear()
+        storage = self.feedback_direction.untyped_storage().data_ptr()
+        for node in nodes:
+            if direction and node.feedback.untyped_storage().data_ptr() == storage:
+                node.feedback = node.feedback.detach().clone()
+            if gain and node.gain is self.feedback_gain:
+                node.gain = node.gain.clone()
+
+    def _detach_pending_backward_from_feedback(self) -> None:
+        """For code that changes B in place outside refresh_feedback_ (weight mirrors)."""
+        self._copy_for_pending_backward(direction=True, gain=True)
+
+    # -- Kolen-Pollack's B must be stepped by the optimizer -----------------------------------
+    _feedback_versions: tuple[int, int] | None = None
+
+    def _check_feedback_is_stepped(self, weight: Tensor) -> None:
+        """Kolen-Pollack gives B W's gradient; an optimizer that moves W but was built without B
+        (before convert) leaves B where it is, and the rule silently becomes fa. Between two
+        training forwards W moved and B did not: say so, once per model."""
+        direction = self.feedback_direction
+        if torch.compiler.is_compiling() or not direction.requires_grad:
+            return
+        now = (weight._version, direction._version)
+        before, self._feedback_versions = self._feedback_versions, now
+        warned = self._warnings
+        if before is None or "kp-unstepped" in warned or now[0] == before[0] or now[1] != before[1]:
+            return
+        warned.add("kp-unstepped")
+        warnings.warn(f"kp layer {self.layer_name!r}: W moved but its B did not; Kolen-Pollack's B "
+                      "learns only if the optimizer steps it too: build the optimizer after fa.convert",
+                      RuntimeWarning, stacklevel=4)
+
+    @property
+    def _warnings(self) -> set:
+        """Warnings already given for this layer's model (convert shares one set among its layers)."""
+        if "_shared_warnings" not in self.__dict__:
+            self._shared_warnings = set()
+        return self._shared_warnings
 
     @property
     def feedback_weight(self) -> Tensor:
@@ -231,7 +290,58 @@ class FeedbackLayer:
         classes x input size, applied to the model's output error)."""
         if self.rule.write_feedback is None:
             return self.weight
+        self._draws_if_materialized(self.weight)
         return self.feedback_direction.detach() * self.feedback_gain
+
+    # -- the forward ----------------------------------------------------------------------
+    def forward(self, input: Tensor, *args, **kwargs) -> Tensor:
+        # The plain layer wherever no gradient is recorded: inference costs exactly the plain layer.
+        if not torch.is_grad_enabled():
+            return super().forward(input, *args, **kwargs)
+        weight = self.weight  # made once per forward, by the parametrization if there is one
+        if not (input.requires_grad or weight.requires_grad):
+            return super().forward(input, *args, **kwargs)
+        self._prepare_feedback(weight)
+        if self.rule.write_feedback is None or self._exact_backprop:
+            return super().forward(input, *args, **kwargs)
+        return self._forward_through_feedback(input, weight, *args, **kwargs)
+
+    def _forward_through_feedback(self, input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
+        raise NotImplementedError  # each layer type says how it calls the Function
+
+    def _feedback_output(self, input: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvArgs | None,
+                         pad: tuple | None = None) -> Tensor:
+        """The layer's output through the rule's autograd Function (conv None: linear), under
+        autocast with the dtypes autocast would give the plain op. `pad` (F.pad's arguments) is
+        applied to the input first: by F.pad outside the Function for the layer-to-layer rules,
+        inside it for dfa, whose B is sized for the layer's own input."""
+        feedback = self.feedback_direction
+        if self.rule.signal == "direct":
+            if self.direct_source is None:
+                raise RuntimeError(f"dfa layer {self.layer_name!r} is not part of a model converted "
+                                   "with fa.convert(model, rule='dfa')")
+            if input.requires_grad:
+                feedback = self._direct_feedback(input)
+        elif pad is not None:
+            input, pad = F.pad(input, *pad), None
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            input, weight, bias, feedback = _cast_for_autocast(device_type, input, weight, bias, feedback)
+            with torch.autocast(device_type, enabled=False):
+                return self._apply_function(input, weight, bias, feedback, conv, pad)
+        return self._apply_function(input, weight, bias, feedback, conv, pad)
+
+    def _apply_function(self, input, weight, bias, feedback, conv, pad):
+        if self.rule.signal == "direct":
+            return DirectFeedbackFunction.apply(input, weight, bias, feedback, self.direct_source.current,
+                                                self.layer_name, conv, pad)
+        gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
+        if conv is None:
+            output = FeedbackLinearFunction.apply(input, weight, bias, feedback, gain)
+        else:
+            output = FeedbackConvFunction.apply(input, weight, bias, feedback, gain, conv)
+        self._note_pending_backward(output)
+        return output
 
     # -- direct feedback (dfa) ------------------------------------------------------------
     @torch.no_grad()
@@ -248,112 +358,167 @@ class FeedbackLayer:
                              f"its feedback was drawn for {self.feedback_direction.shape[1]}")
         return self.feedback_direction
 
-    def _feedback_forward(self, input: Tensor, conv_args: tuple | None) -> Tensor:
-        """The layer's output through the rule's autograd Function (conv_args None: linear),
-        under autocast with the dtypes autocast would give conv2d / linear."""
-        weight, bias, feedback = self.weight, self.bias, self.feedback_direction
-        if self.rule.signal == "direct":
-            if self.direct_source is None:
-                raise RuntimeError(f"dfa layer {self.layer_name!r} is not part of a model converted "
-                                   "with fa.convert(model, rule='dfa')")
-            if input.requires_grad:
-                feedback = self._direct_feedback(input)
-        device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
-            input, weight, bias, feedback = _cast_for_autocast(device_type, input, weight, bias, feedback)
-            with torch.autocast(device_type, enabled=False):
-                return self._apply_function(input, weight, bias, feedback, conv_args)
-        return self._apply_function(input, weight, bias, feedback, conv_args)
-
-    def _apply_function(self, input, weight, bias, feedback, conv_args):
-        if self.rule.signal == "direct":
-            return DirectFeedbackFunction.apply(input, weight, bias, feedback, self.direct_source.current,
-                                                self.layer_name, conv_args)
-        gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
-        if conv_args is None:
-            return _FeedbackLinearFunction.apply(input, weight, bias, feedback, gain)
-        return _FeedbackConv2dFunction.apply(input, weight, bias, feedback, gain, *conv_args)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dfa B not drawn yet is empty: take the saved one's shape before loading into it.
         key = prefix + "feedback_direction"
         if self.rule.signal == "direct" and key in state_dict and self.feedback_direction.numel() == 0:
             self.feedback_direction = self.feedback_direction.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if (seed := state_dict.get(prefix + "feedback_seed")) is not None:
+            self.seed = int(seed)  # the saved stream continues, whatever seed this layer was made with
+            # Loaded values replace the draws that a layer converted on the meta device still owes.
+            self._awaiting_first_draw = False
+        self._fresh_for = None
 
     # Set by alignment.measure: keep B as it is (no redraw, no rescale) and/or run as exact backprop.
     _feedback_frozen = False
     _exact_backprop = False
-
-    def _uses_feedback_path(self, input: Tensor) -> bool:
-        # Plain layer when no gradient can flow (inference costs exactly the plain layer) and for bp.
-        return (self.rule.write_feedback is not None and not self._exact_backprop
-                and torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
 
     def extra_repr(self) -> str:
         norm = ", constrain_weight_norm=True" if self.constrain_weight_norm else ""
         return f"{super().extra_repr()}, rule={self.rule.name}, scale={self.scale}{norm}"
 
 
-class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
+# -- the layer types ------------------------------------------------------------------------
+
+class FeedbackConvNd(FeedbackLayer):
+    """Convolutions (1-, 2-, 3-d) whose input gradient flows through `feedback_weight`."""
+
+    def _forward_through_feedback(self, input: Tensor, weight: Tensor) -> Tensor:
+        spatial = len(self.kernel_size)
+        if input.dim() == spatial + 1:  # unbatched, as torch's own layers take it
+            return self._forward_through_feedback(input.unsqueeze(0), weight).squeeze(0)
+        pad, padding = self._padding()
+        conv = ConvArgs(list(self.stride), padding, list(self.dilation), False, [0] * spatial, self.groups)
+        return self._feedback_output(input, weight, self.bias, conv, pad)
+
+    def _padding(self) -> tuple[tuple | None, list[int]]:
+        """(F.pad's arguments or None, the convolution's own symmetric zero padding): every padding
+        form in terms that convolution_backward understands; F.pad's gradient is exact."""
+        spatial = len(self.kernel_size)
+        pairs = list(self._reversed_padding_repeated_twice)  # (last low, last high, ..., first high)
+        if self.padding_mode != "zeros":
+            return (pairs, self.padding_mode), [0] * spatial
+        if self.padding == "valid":
+            return None, [0] * spatial
+        if self.padding == "same":
+            lows, highs = pairs[0::2], pairs[1::2]
+            if lows == highs:
+                return None, lows[::-1]
+            return (pairs, "constant"), [0] * spatial
+        return None, list(self.padding)
+
+
+class FeedbackConvTransposeNd(FeedbackLayer):
+    """Transposed convolutions (1-, 2-, 3-d) whose input gradient flows through `feedback_weight`."""
+
+    def _forward_through_feedback(self, input: Tensor, weight: Tensor, output_size=None) -> Tensor:
+        spatial = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, list(self.stride), list(self.padding),
+                                              list(self.kernel_size), spatial, list(self.dilation))
+        batched = input.dim() == spatial + 2
+        conv = ConvArgs(list(self.stride), list(self.padding), list(self.dilation), True,
+                        list(output_padding), self.groups)
+        output = self._feedback_output(input if batched else input.unsqueeze(0), weight, self.bias, conv)
+        return output if batched else output.squeeze(0)
+
+
+class FeedbackLinearLayer(FeedbackLayer):
+    """Linear maps, on inputs of any rank, whose input gradient flows through `feedback_weight`."""
+
+    def _forward_through_feedback(self, input: Tensor, weight: Tensor) -> Tensor:
+        return self._feedback_output(input, weight, self.bias, None)
+
+
+class FeedbackConv1d(FeedbackConvNd, nn.Conv1d):
+    """nn.Conv1d whose input gradient flows through `feedback_weight`."""
+
+
+class FeedbackConv2d(FeedbackConvNd, nn.Conv2d):
     """nn.Conv2d whose input gradient flows through `feedback_weight`."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if self._refreshes_before_forward():
-            self._refresh_unless_done_ahead()
-        if not self._uses_feedback_path(input):
-            return self._conv_forward(input, self.weight, self.bias)
-        input, padding = self._pad(input)
-        return self._feedback_forward(input, (list(self.stride), padding, list(self.dilation), self.groups))
 
-    def _pad(self, input: Tensor) -> tuple[Tensor, list[int]]:
-        """Turn every padding form into explicit symmetric zero padding that convolution_backward
-        understands; other padding is applied by F.pad, whose gradient autograd handles exactly."""
-        if self.padding_mode != "zeros":
-            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
-        if self.padding == "valid":
-            return input, [0, 0]
-        if self.padding == "same":
-            left_right = self._reversed_padding_repeated_twice  # (w_left, w_right, h_left, h_right)
-            if left_right[0] == left_right[1] and left_right[2] == left_right[3]:
-                return input, [left_right[2], left_right[0]]
-            return F.pad(input, left_right), [0, 0]
-        return input, list(self.padding)
+class FeedbackConv3d(FeedbackConvNd, nn.Conv3d):
+    """nn.Conv3d whose input gradient flows through `feedback_weight`."""
 
 
-class FeedbackLinear(FeedbackLayer, nn.Linear):
+class FeedbackConvTranspose1d(FeedbackConvTransposeNd, nn.ConvTranspose1d):
+    """nn.ConvTranspose1d whose input gradient flows through `feedback_weight`."""
+
+
+class FeedbackConvTranspose2d(FeedbackConvTransposeNd, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d whose input gradient flows through `feedback_weight`."""
+
+
+class FeedbackConvTranspose3d(FeedbackConvTransposeNd, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d whose input gradient flows through `feedback_weight`."""
+
+
+class FeedbackLinear(FeedbackLinearLayer, nn.Linear):
     """nn.Linear whose input gradient flows through `feedback_weight`; inputs of any rank."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if self._refreshes_before_forward():
-            self._refresh_unless_done_ahead()
-        if not self._uses_feedback_path(input):
-            return F.linear(input, self.weight, self.bias)
-        return self._feedback_forward(input, None)
+
+FEEDBACK_CLASSES: dict[type, type] = {
+    nn.Conv1d: FeedbackConv1d, nn.Conv2d: FeedbackConv2d, nn.Conv3d: FeedbackConv3d,
+    nn.ConvTranspose1d: FeedbackConvTranspose1d, nn.ConvTranspose2d: FeedbackConvTranspose2d,
+    nn.ConvTranspose3d: FeedbackConvTranspose3d, nn.Linear: FeedbackLinear,
+}
+_derived_classes: dict[type, type] = {}
 
 
-def refresh_ahead_of_forward(model: nn.Module, args) -> None:
-    """A forward pre-hook (convert puts it on the model): refresh every feedback layer of `model`
-    in one go before its forward, instead of each layer in its own forward between the
-    convolutions. The outcome is the same; the time is not: on ResNet-20, brsf's step costs
-    1.03x plain this way and 1.06-1.08x refreshing layer by layer (BENCHMARKS.md). Under
-    torch.compile each layer refreshes itself, as before."""
-    if torch.compiler.is_compiling():
-        return
-    for layer in model.modules():
-        if isinstance(layer, FeedbackLayer) and layer._refreshes_before_forward():
-            layer.refresh_feedback_()
-            layer._refreshed_at_version = layer.weight._version
+def feedback_class(cls: type) -> type | None:
+    """The feedback layer type for a module of type `cls`: ours for torch's own types; for a
+    subclass that keeps its base's forward (a parametrized layer, nn.MultiheadAttention's
+    out_proj, a user's Linear with extra attributes) a type derived from both; None for a type we
+    do not convert or a subclass whose own forward we cannot vouch for."""
+    if cls in FEEDBACK_CLASSES:
+        return FEEDBACK_CLASSES[cls]
+    for base, feedback in FEEDBACK_CLASSES.items():
+        if issubclass(cls, base):
+            if cls.forward is not base.forward:
+                return None
+            if cls not in _derived_classes:
+                _derived_classes[cls] = type(f"Feedback{cls.__name__}", (feedback, cls),
+                                             {"__module__": cls.__module__})
+            return _derived_classes[cls]
+    return None
 
 
 def from_module(module: nn.Module, name: str, rule: str, scale: str, seed: int,
                 constrain_weight_norm: bool) -> FeedbackLayer:
-    """A feedback layer that takes over `module`'s Parameters, buffers and hooks (no copies)."""
-    cls = FeedbackConv2d if type(module) is nn.Conv2d else FeedbackLinear
+    """A feedback layer that takes over `module`'s Parameters, buffers, hooks and
+    parametrizations (no copies)."""
+    cls = feedback_class(type(module))
+    if cls is None:
+        raise TypeError(f"module {name!r}: fa.convert does not convert {type(module).__name__}")
+    if constrain_weight_norm and "weight" not in module._parameters:
+        raise ValueError(f"module {name!r}: constrain_weight_norm needs W as a Parameter of its own; this "
+                         "layer's W is made by a parametrization or hook")
+    layer = take_over(module, cls)
+    layer._setup_feedback(rule, scale, seed, name, constrain_weight_norm)
+    return layer
+
+
+def take_over(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` instance holding `module`'s own Parameters, buffers, children and hooks (no copies
+    of tensors; the containers are new, so that the two modules can differ from here on)."""
     layer = cls.__new__(cls)
     state = module.__dict__.copy()
     for container in ("_parameters", "_buffers", "_modules"):
         state[container] = state[container].copy()
     layer.__dict__.update(state)
-    layer._setup_feedback(rule, scale, seed, name, constrain_weight_norm)
     return layer
+
+
+def refresh_ahead_of_forward(model: nn.Module, args) -> None:
+    """A forward pre-hook (convert puts it on the model): refresh every feedback layer of `model`
+    in one go before its forward, instead of each layer in its own forward between the
+    convolutions. The outcome is the same; the time is not (BENCHMARKS.md). Layers whose W is
+    made during their own forward, layers under torch.compile and forwards recomputed during a
+    backward refresh themselves."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or in_backward():
+        return
+    for layer in model.modules():
+        if isinstance(layer, FeedbackLayer) and layer.refreshes_ahead():
+            layer.refresh_feedback_()
+            layer._refreshed_ahead = True

@@ -37,6 +37,7 @@ def mirror_step(model: nn.Module, lr: float = 0.05, decay: float = 0.05, batch_s
     layers = mirror_layers(model)
     for layer in layers:
         estimate = _weight_estimate(layer, batch_size)
+        layer._detach_pending_backward_from_feedback()  # a forward not yet backpropagated keeps its B
         layer.feedback_direction.mul_(1.0 - decay).add_(estimate, alpha=lr)
     return len(layers)
 
@@ -52,20 +53,25 @@ def _noise(layer, shape) -> torch.Tensor:
 
 def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
     weight = layer.weight.detach().float()
-    if isinstance(layer, nn.Conv2d):
-        stride, dilation = layer.stride, layer.dilation
-        side = [d * (k - 1) + 1 + s * (MIRROR_POSITIONS - 1)
-                for k, s, d in zip(layer.kernel_size, stride, dilation)]
-        x = _noise(layer, (batch_size, layer.in_channels, *side))
-        y = F.conv2d(x, weight, None, stride, 0, dilation, layer.groups)
-        # sum over images and positions of y x_patch^T: the weight gradient of y w.r.t. W.
-        _, estimate, _ = torch.ops.aten.convolution_backward(
-            y, x, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], layer.groups,
-            [False, True, False])
-        samples = y.shape[0] * y.shape[2] * y.shape[3]
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        # sum over images and positions of y x_patch^T: the weight gradient of y w.r.t. W, for a
+        # convolution or a transposed one alike, from noise x and the response y (no padding).
+        stride, dilation = list(layer.stride), list(layer.dilation)
+        spatial = len(layer.kernel_size)
+        if layer.transposed:  # every input position meets every weight once
+            side = [MIRROR_POSITIONS] * spatial
+        else:  # every output position does
+            side = [d * (k - 1) + 1 + s * (MIRROR_POSITIONS - 1)
+                    for k, s, d in zip(layer.kernel_size, stride, dilation)]
+        x = _noise(layer, (batch_size, weight.shape[1] * layer.groups if not layer.transposed
+                           else weight.shape[0], *side))
+        conv = (stride, [0] * spatial, dilation, layer.transposed, [0] * spatial, layer.groups)
+        y = torch.convolution(x, weight, None, *conv)
+        _, estimate, _ = torch.ops.aten.convolution_backward(y, x, weight, None, *conv, [False, True, False])
+        samples = batch_size * MIRROR_POSITIONS ** spatial
     else:
-        # As many noise vectors as a conv layer gets output positions: the same estimate quality.
+        # As many noise vectors as a 2-d conv layer gets output positions: the same estimate quality.
         samples = batch_size * MIRROR_POSITIONS ** 2
-        x = _noise(layer, (samples, layer.in_features))
+        x = _noise(layer, (samples, weight.shape[1]))
         estimate = F.linear(x, weight).t().mm(x)
     return (estimate / samples).to(layer.feedback_direction.dtype)
