@@ -1,8 +1,10 @@
 """Data-parallel training under real torchrun processes (gloo on the CPU), and GPU slot sharing."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -135,3 +137,31 @@ def test_gpu_slots_spread_runs_over_gpus_then_double_up(tmp_path, monkeypatch):
     assert waiter.poll() is None
     claims[1][1].close()  # ...until the run on GPU-bbb, slot 0 ends, and takes its place.
     assert waiter.communicate(timeout=30)[0].strip() == "1"
+
+
+def test_gpu_slots_work_for_a_second_user_of_the_node(monkeypatch):
+    """A lock folder and lock files made by one user must serve the next user's jobs: open a lock
+    file for writing and lock it, and add lock files of its own (the second user runs a shell,
+    since this user's Python may be out of its reach)."""
+    import pwd
+    import shutil
+    import tempfile
+    if os.getuid() != 0 or shutil.which("flock") is None:
+        pytest.skip("needs root (to run a process as the user nobody) and flock(1)")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    parent = Path(tempfile.mkdtemp(prefix="fa-locks-", dir="/tmp"))
+    try:
+        parent.chmod(0o755)
+        locks = parent / "locks"
+        monkeypatch.setenv("FEEDBACK_ALIGNMENT_LOCKS", str(locks))
+        index, handle = claim_gpu_slot(["GPU-aaa"], runs_per_gpu=1)  # this user makes folder and file
+        handle.close()
+        other = subprocess.run(
+            ["/bin/sh", "-c", 'exec 3>>"$0/GPU-aaa.slot0.lock" && flock -n 3 && touch "$0/GPU-bbb.slot0.lock"',
+             str(locks)], capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.setuid(nobody))
+        assert other.returncode == 0, other.stderr
+        assert (locks / "GPU-bbb.slot0.lock").stat().st_uid == nobody
+        index, handle = claim_gpu_slot(["GPU-bbb"], runs_per_gpu=1)  # and back: nobody's file serves us
+        handle.close()
+    finally:
+        shutil.rmtree(parent)

@@ -88,24 +88,42 @@ def lock_directory() -> Path:
     return Path(os.environ.get("FEEDBACK_ALIGNMENT_LOCKS", Path(tempfile.gettempdir()) / "feedback_alignment-gpus"))
 
 
+def _shared_lock_directory() -> Path:
+    """The lock folder, usable by every user of the node: world-writable with the sticky bit, as
+    /tmp is (each user may add lock files; none may remove another's)."""
+    directory = lock_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if directory.stat().st_uid == os.getuid():
+        os.chmod(directory, 0o1777)
+    return directory
+
+
+def _open_shared(path: Path):
+    """A lock file that any user can open for writing (flock needs no more), whoever made it."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    if os.fstat(descriptor).st_uid == os.getuid():
+        os.fchmod(descriptor, 0o666)  # the umask took bits away at creation
+    return os.fdopen(descriptor, "r+")
+
+
 def claim_gpu_slot(device_ids: list[str], runs_per_gpu: int, poll_seconds: float = 5.0):
     """Several small runs share a machine's GPUs: take the first free (GPU, slot) of
     `runs_per_gpu` slots per GPU, waiting while all are taken. Returns (index into device_ids,
     the open lock file, which must stay open for the run's lifetime; the kernel releases the lock
     when the process ends, however it ends). GPUs are named by UUID, so jobs that SLURM confines
     to different GPUs of one node never contend."""
-    directory = lock_directory()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _shared_lock_directory()
     told = False
     while True:
         for slot in range(runs_per_gpu):  # fill every GPU once before doubling up
             for index, device_id in enumerate(device_ids):
-                handle = open(directory / f"{device_id}.slot{slot}.lock", "w")
+                handle = _open_shared(directory / f"{device_id}.slot{slot}.lock")
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     handle.close()
                     continue
+                handle.truncate(0)
                 handle.write(f"{os.getpid()}\n")
                 handle.flush()
                 return index, handle
