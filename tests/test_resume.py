@@ -179,3 +179,27 @@ def test_learned_and_direct_feedback_resume_exactly(rule, digits, tmp_path):
     assert returncode == 1, stderr[-2000:]
     finish(train_command(digits, out, *flags))
     assert_same_run(out, straight)
+
+
+def test_checkpoints_load_to_the_cpu_so_rng_states_restore_on_any_device(digits, tmp_path):
+    """On a GPU the old resume path loaded the RNG states onto the device, where set_rng_state
+    refuses them: every tensor of a loaded checkpoint must be on the CPU, whatever the run's device."""
+    from feedback_alignment.train import load_checkpoint, rng_states, set_rng_states
+    out = tmp_path / "run"
+    code, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM)
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    devices = {t.device.type for t in tensors(checkpoint)}
+    assert devices == {"cpu"}
+    set_rng_states(checkpoint["rng"], torch.device("cpu"))
+    assert torch.equal(rng_states(torch.device("cpu"))["torch"], checkpoint["rng"]["torch"])

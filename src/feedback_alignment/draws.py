@@ -80,7 +80,15 @@ def _random_words(count: int, seed: int, device: torch.device) -> Tensor:
     if device.type == "cpu":
         # numpy's SFC64 makes a word in about half the time torch's CPU Mersenne Twister takes.
         return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
-    return torch.empty(count, dtype=torch.int64, device=device).random_(generator=_generator(device, seed))
+    return torch_random_words(count, seed, device)
+
+
+def torch_random_words(count: int, seed: int, device: torch.device) -> Tensor:
+    """`count` random words from torch's generator of `device` (Philox on a GPU), all 64 bits
+    random: random_ over the whole int64 range. (Plain random_() stops at 2^63 - 1 and never
+    sets the top bit, which drew every fourth 16-bit level from half its range.)"""
+    words = torch.empty(count, dtype=torch.int64, device=device)
+    return words.random_(-(2**63), None, generator=_generator(device, seed))
 
 
 def _fast_levels_(tensor: Tensor, seed: int, layer_name: str, draw: int) -> Tensor:

@@ -95,6 +95,8 @@ class FeedbackLayer:
         # continues the same stream.
         self.register_buffer("feedback_seed", torch.tensor(self.seed, dtype=torch.int64))
         self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
+        # The counter's value on the host: reading the buffer on a GPU would wait for the device.
+        self._draw_count = 0
         if self.constrain_weight_norm:
             self.register_buffer("weight_norm_target", torch.empty((), dtype=torch.float32, device=weight.device))
         if self.rule.signal == "direct":
@@ -123,6 +125,7 @@ class FeedbackLayer:
         """What conversion sets from W: the norm target, fixed random values, B and its gain."""
         self._awaiting_first_draw = False
         self.feedback_draws.zero_()
+        self._draw_count = 0
         self.feedback_seed.fill_(self.seed)
         if self.constrain_weight_norm:
             self.weight_norm_target.copy_(frobenius_norm(weight))
@@ -152,7 +155,8 @@ class FeedbackLayer:
         squared norms of both if the fused CPU kernel summed them, else None. Draws made before
         every step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit path;
         draws made once keep full precision. By default the rule's randomness says which."""
-        draw = int(self.feedback_draws)
+        draw = self._draw_count
+        self._draw_count += 1
         self.feedback_draws.add_(1)
         if per_step is None:
             per_step = self.rule.randomness == "every_step"
@@ -364,6 +368,8 @@ class FeedbackLayer:
         if self.rule.signal == "direct" and key in state_dict and self.feedback_direction.numel() == 0:
             self.feedback_direction = self.feedback_direction.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if (draws := state_dict.get(prefix + "feedback_draws")) is not None:
+            self._draw_count = int(draws)
         if (seed := state_dict.get(prefix + "feedback_seed")) is not None:
             self.seed = int(seed)  # the saved stream continues, whatever seed this layer was made with
             # Loaded values replace the draws that a layer converted on the meta device still owes.

@@ -216,6 +216,13 @@ def rng_states(device) -> dict:
     return states
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, every tensor on the CPU: the RNG states must reach set_rng_state as CPU byte
+    tensors (loaded onto a GPU, torch refuses them), and load_state_dict copies model and
+    optimizer states onto the model's device itself."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_states(states: dict, device) -> None:
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
@@ -335,7 +342,7 @@ def _run(args, world: World, device_name: str) -> dict:
         state["alignment"] += frame.assign(epoch=epoch, step=state["step"]).to_dict("records")
     checkpoint_path = out / "checkpoint.pt"
     if checkpoint_path.is_file():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        checkpoint = load_checkpoint(checkpoint_path)
         check_checkpoint(checkpoint, config, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
