@@ -5,7 +5,6 @@ import warnings
 import weakref
 from typing import Iterable
 
-import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 

@@ -31,7 +31,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from . import draws
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
@@ -187,11 +186,17 @@ class FeedbackLayer:
         # The direction is 0 only where W = 0 everywhere; the clamp keeps B = 0 there, not NaN.
         return weight_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
 
+    def _parametrized_weight(self) -> bool:
+        # parametrize.is_parametrized without its attribute lookup, which raises and catches an
+        # AttributeError on every plain layer (this runs per layer per step).
+        parametrizations = self._modules.get("parametrizations")
+        return parametrizations is not None and "weight" in parametrizations
+
     def _weight_versions(self, weight: Tensor) -> tuple:
         """What this forward's W is made from, with the tensors' in-place version counters: the
         parametrization's own tensors for a parametrized W, else W itself (a W remade by a hook
         is a new tensor each time)."""
-        if parametrize.is_parametrized(self, "weight"):
+        if self._parametrized_weight():
             return tuple((t, t._version) for t in self.parametrizations["weight"].parameters())
         return ((weight, weight._version),)
 
@@ -229,7 +234,7 @@ class FeedbackLayer:
         """Whether the model's pre-hook may bring this layer up to date before the model's forward:
         not when the layer's own pre-hooks or parametrization make W during its forward."""
         return (self._refreshes and not self._feedback_frozen and not self._forward_pre_hooks
-                and not parametrize.is_parametrized(self, "weight") and self.weight.requires_grad)
+                and not self._parametrized_weight() and self.weight.requires_grad)
 
     # -- copy on write ----------------------------------------------------------------------
     def _note_pending_backward(self, output: Tensor) -> None:
