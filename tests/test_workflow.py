@@ -3,6 +3,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ import torch
 import yaml
 
 from conftest import REPO, snakemake
+from feedback_alignment import data
 
 TINY = dict(
     experiment="tiny",
@@ -131,7 +134,7 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
 
 def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path):
     # On this CPU machine the two processes use gloo: the same launch path as on a GPU node.
-    config = dict(TINY, resources={"gpus": 2, "threads": 2},
+    config = dict(TINY, resources={"gpus": 2, "threads": 2, "device": "cpu"},
                   grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["brsf"], "variants": ["matched"]}],
                   seeds=[0])
     write_config(tmp_path, config)
@@ -149,3 +152,38 @@ def test_slurm_profile_plans_the_grid_without_slurm(tmp_path):
     counts = job_counts(out)
     assert counts["train"] == 207 and counts["evaluate"] == 207
     assert "gpu=1" in out and "slurm_partition=gpu" in out
+    assert "gpu_model" not in out.replace("gpu_model=,", "")  # none set: any GPU
+    assert "nodes=1" in out
+
+
+def test_gpu_jobs_train_on_cuda_and_evaluate_on_the_cpu(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "cifar10.yaml").read_text())
+    config["resources"]["gpu_model"] = "h100"
+    path = write_config(tmp_path, config, "gpus.yaml")
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(path)).stdout
+    trains = [line for line in out.splitlines() if "feedback_alignment train " in line]
+    evaluations = [line for line in out.splitlines() if "feedback_alignment evaluate " in line]
+    assert trains and all("--device cuda " in line for line in trains)
+    assert evaluations and all("--device cpu " in line for line in evaluations)
+    assert "gpu_model=h100" in out
+    # A study without GPUs asks for none, of no model.
+    config["resources"].update(gpus=0)
+    path = write_config(tmp_path, config, "cpu.yaml")
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(path)).stdout
+    assert "--device cpu " in out and "--device cuda" not in out
+    assert "gpu_model=h100" not in out
+
+
+def test_a_run_given_a_gpu_stops_where_cuda_is_not_usable(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is usable here")
+    data.prepare_digits(tmp_path / "digits.pt")
+    process = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
+                              "--data", str(tmp_path / "digits.pt"), "--out", str(tmp_path / "run"),
+                              "--arch", "convnet", "--rule", "fa", "--device", "cuda", "--epochs", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        "train: --device cuda: CUDA is not usable in this process (torch.cuda.is_available() is False: no GPU "
+        "visible to it, or a CPU-only torch build); a job given GPUs stops rather than train on the CPU"]
+    assert not (tmp_path / "run").exists()

@@ -60,6 +60,19 @@ class World:
         return [total > 0 for total in self.sum([float(f) for f in flags], device)]
 
 
+def check_device_usable(device_name: str) -> None:
+    """A run asked for a GPU runs on it or stops here, in one line: never quietly on the CPU."""
+    if not device_name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name}: CUDA is not usable in this process "
+                         "(torch.cuda.is_available() is False: no GPU visible to it, or a CPU-only torch "
+                         "build); a job given GPUs stops rather than train on the CPU")
+    index = torch.device(device_name).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device_name}: this process sees {torch.cuda.device_count()} GPU(s)")
+
+
 def init_world(device_name: str, batch_size: int) -> tuple[World, str]:
     """Join the process group that torchrun describes in the environment, if any; returns the
     world and the device name this rank should use."""
@@ -69,6 +82,7 @@ def init_world(device_name: str, batch_size: int) -> tuple[World, str]:
     if batch_size % size:
         raise ValueError(f"--batch-size {batch_size} does not divide among {size} processes")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    check_device_usable(device_name)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -36,7 +36,8 @@ from . import alignment
 from . import data as datasets
 from .mirror import mirror_layers, mirror_step
 from .convert import convert
-from .distributed import World, claim_gpu_slot, close_world, cuda_device_ids, init_world
+from .distributed import (World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
+                          init_world)
 from .models import build_model
 from .optim import BatchManhattan
 from .provenance import git_sha, provenance, torch_save, write_csv, write_json
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flip", action=argparse.BooleanOptionalAction, default=False)
     add("--seed", type=int, default=0, help="initial weights, feedback draws and data order")
     add("--threads", type=int, default=None, help="torch CPU threads (set this to the job's cores)")
-    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 (cuda where "
+        "CUDA is not usable stops with an error, never falls back to the cpu)")
     add("--precision", default="auto", choices=PRECISIONS,
         help="bf16 = autocast to bfloat16; auto = bf16 on CUDA, fp32 on CPU")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -109,6 +111,7 @@ def lr_at(epoch: int, base_lr: float, milestones, gamma: float) -> float:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_usable(name)
     return torch.device(name)
 
 

@@ -39,6 +39,8 @@ TRAINING_DEFAULTS = {k: v["default"] for k, v in
                      yaml.safe_load(SCHEMA.read_text())["$defs"]["training"]["properties"].items()}
 RESOURCES = {"threads": 1, "gpus": 0, "runs_per_gpu": 1, "mem_mb": 4000, "runtime": 60,
              **config.get("resources", {})}
+# A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
+RESOURCES.setdefault("device", "cuda" if RESOURCES["gpus"] > 0 else "cpu")
 DATA_DIR = config["data_dir"]
 EXPERIMENT = config["experiment"]
 RESULTS = f"results/{EXPERIMENT}"

@@ -21,12 +21,15 @@ rule train:
     params:
         flags=train_flags,
         launcher=launcher(RESOURCES["gpus"], RESOURCES["threads"]),
-        device="auto",  # cuda where the job landed on a GPU, else cpu
+        device=RESOURCES["device"],
     threads: RESOURCES["threads"]
     resources:
         mem_mb=RESOURCES["mem_mb"],
         runtime=RESOURCES["runtime"],
         gpu=RESOURCES["gpus"],  # snakemake-executor-plugin-slurm asks SLURM for this many
+        # The model only with GPUs: the plugin would ask for "--gpus=MODEL:0" otherwise.
+        gpu_model=RESOURCES.get("gpu_model", "") if RESOURCES["gpus"] > 0 else "",
+        nodes=1,  # torchrun --standalone runs all of a job's processes on one node
     log:
         RUN + "/train.log",
     shell:
@@ -42,12 +45,12 @@ rule evaluate:
     output:
         RUN + "/evaluation.json",
     params:
-        device="auto",  # cuda where the job landed on a GPU, else cpu
+        # One pass over the test set from best.pt: seconds of a GPU, not worth holding one.
+        device="cpu",
     threads: RESOURCES["threads"]
     resources:
         mem_mb=RESOURCES["mem_mb"],
         runtime=max(5, RESOURCES["runtime"] // 10),
-        gpu=min(RESOURCES["gpus"], 1),
     log:
         RUN + "/evaluate.log",
     shell:
