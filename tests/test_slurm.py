@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -68,3 +69,51 @@ def test_a_study_runs_through_the_slurm_profile(slurm, tmp_path):
     for seed in (0, 1):
         run = tmp_path / "results/tiny/runs/digits/net/usf-matched" / f"seed{seed}"
         assert (run / "evaluation.json").is_file() and (run / "result.json").is_file()
+
+
+def _running_jobs() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return out.stdout.split()
+
+
+def test_a_preempted_training_job_checkpoints_and_the_retry_resumes_it(slurm, tmp_path):
+    """SIGTERM to every process of a running training job, as SLURM's preemption sends it: the run
+    checkpoints and fails, Snakemake's retry (the profile's `retries: 1`) resumes it, and it ends
+    with the metrics of an uninterrupted run."""
+    training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
+    study = dict(STUDY, seeds=[0], training=dict(training, epochs=40))  # long enough to be caught
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", "config/config.yaml",
+               "--slurm-no-account", "--slurm-status-command", "squeue",
+               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "2"]
+    run = tmp_path / "results/tiny/runs/digits/net/usf-matched/seed0"
+    workflow = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoint.pt").exists():  # the first epoch is done: the job is training
+            assert workflow.poll() is None and time.time() < deadline, "the training job never checkpointed"
+            time.sleep(0.2)
+        jobs = _running_jobs()
+        assert len(jobs) == 1, jobs
+        subprocess.run(["scancel", "--signal=TERM", "--full", jobs[0]], check=True, timeout=30, env=env)
+        log, _ = workflow.communicate(timeout=900)
+    finally:
+        if workflow.poll() is None:
+            workflow.kill()
+    assert workflow.returncode == 0, log[-4000:]
+    assert log.count("has been submitted with SLURM jobid") == 3, log[-4000:]  # train, its retry, evaluate
+    assert "resuming from" in (run / "train.log").read_text()
+    # The same training, uninterrupted, straight through the CLI with the job's own command line.
+    line = next(l for l in log.splitlines() if "feedback_alignment train " in l and "--seed 0 " in l)
+    flags = line.split("feedback_alignment train ", 1)[1].split(" --out ")[0].split()
+    reference = tmp_path / "reference"
+    straight = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", *flags, "--out", str(reference)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    compared = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr"]
+    resumed, uninterrupted = (pd.read_csv(d / "history.csv")[compared] for d in (run, reference))
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
