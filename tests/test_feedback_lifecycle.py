@@ -308,3 +308,18 @@ def test_torch_func_grad_and_vmap_equal_eager(rule):
     loss(xs).backward()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, getattr(conv, name).grad, msg=name)
+
+
+def test_a_model_with_a_pending_backward_pickles_and_copies():
+    import pickle
+    model = fa.convert(_net(), rule="brsf", scale="match")
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    out = model(x)  # its backward is still to come: the layers hold links to the graph
+    restored = pickle.loads(pickle.dumps(model))
+    copied = copy.deepcopy(model)
+    for other in (restored, copied):
+        for (name, a), (_, b) in zip(fa.feedback_layers(model), fa.feedback_layers(other)):
+            assert torch.equal(a.feedback_weight, b.feedback_weight), name
+            assert b._pending_backward == [], name
+        other(x).sum().backward()
+    out.sum().backward()

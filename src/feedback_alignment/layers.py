@@ -381,6 +381,13 @@ class FeedbackLayer:
             self._awaiting_first_draw = False
         self._fresh_for = None
 
+    def __getstate__(self):
+        # Pickles and deep copies leave behind the links to this process's autograd graph (weak
+        # references cannot be pickled) and the W that B was last made from.
+        state = super().__getstate__().copy()
+        state["_pending_backward"], state["_fresh_for"] = [], None
+        return state
+
     # Set by alignment.measure: keep B as it is (no redraw, no rescale) and/or run as exact backprop.
     _feedback_frozen = False
     _exact_backprop = False
