@@ -77,9 +77,9 @@ def _running_jobs() -> list[str]:
 
 
 def test_a_preempted_training_job_checkpoints_and_the_retry_resumes_it(slurm, tmp_path):
-    """SIGTERM to every process of a running training job, as SLURM's preemption sends it: the run
-    checkpoints and fails, Snakemake's retry (the profile's `retries: 1`) resumes it, and it ends
-    with the metrics of an uninterrupted run."""
+    """SIGUSR1 to a running training job's steps, as the profile's time-limit warning sends it (a
+    preemption's SIGTERM was checked the same way): the run checkpoints and fails, Snakemake's
+    retry (the profile's `retries: 1`) resumes it, and it ends with an uninterrupted run's metrics."""
     training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
     study = dict(STUDY, seeds=[0], training=dict(training, epochs=40))  # long enough to be caught
     (tmp_path / "config").mkdir()
@@ -99,7 +99,8 @@ def test_a_preempted_training_job_checkpoints_and_the_retry_resumes_it(slurm, tm
             time.sleep(0.2)
         jobs = _running_jobs()
         assert len(jobs) == 1, jobs
-        subprocess.run(["scancel", "--signal=TERM", "--full", jobs[0]], check=True, timeout=30, env=env)
+        # USR1 to the job's steps, as the profile's --signal=USR1@300 sends it before the time limit.
+        subprocess.run(["scancel", "--signal=USR1", jobs[0]], check=True, timeout=30, env=env)
         log, _ = workflow.communicate(timeout=900)
     finally:
         if workflow.poll() is None:

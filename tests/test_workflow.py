@@ -153,6 +153,7 @@ def test_slurm_profile_plans_the_grid(tmp_path):
     assert counts["train"] == 207 and counts["evaluate"] == 207
     assert "gpu=1" in out and "slurm_partition=gpu" in out
     assert "gpu_model" not in out.replace("gpu_model=,", "")  # none set: any GPU
+    assert "slurm_extra=--signal=USR1@300" in out  # the warning before the time limit
     assert "nodes=1" in out
 
 
