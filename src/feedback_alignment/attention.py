@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functions import FeedbackLinearFunction
 from .layers import FeedbackLayer, from_module, take_over
 
 
@@ -42,18 +41,7 @@ class FeedbackProjection(FeedbackLayer, nn.Module):
 
     def project(self, input: Tensor, weight: Tensor, bias: Tensor | None, rows: slice = slice(None)) -> Tensor:
         """input @ weight^T + bias, with `weight` rows `rows` of this projection's W and B."""
-        direction = self.feedback_direction[rows]
-        gain = None if self.scale == "none" else self.feedback_gain
-        if torch.is_autocast_enabled(input.device.type):
-            dtype = torch.get_autocast_dtype(input.device.type)
-            input, weight, direction = input.to(dtype), weight.to(dtype), direction.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(input.device.type, enabled=False):
-                output = FeedbackLinearFunction.apply(input, weight, bias, direction, gain)
-        else:
-            output = FeedbackLinearFunction.apply(input, weight, bias, direction, gain)
-        self._note_pending_backward(output)
-        return output
+        return self._feedback_output(input, weight, bias, None, feedback=self.feedback_direction[rows])
 
     def extra_repr(self) -> str:
         return f"{self.weight_name}, rule={self.rule.name}, scale={self.scale}"
@@ -68,17 +56,18 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
         layer = take_over(module, cls)
         prefix = f"{name}." if name else ""
         layer.out_proj = from_module(module.out_proj, prefix + "out_proj", rule, scale, seed, constrain_weight_norm)
-        names = ["in_proj_weight"] if layer._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        for weight_name in names:
+        for weight_name in layer._projection_weights():
             child = weight_name.replace("_weight", "_feedback")
             setattr(layer, child, FeedbackProjection(layer, weight_name, prefix + child, rule, scale, seed,
                                                      constrain_weight_norm))
         return layer
 
+    def _projection_weights(self) -> list[str]:
+        """The input projection's Parameters: one packed, or one each for query, key and value."""
+        return ["in_proj_weight"] if self._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+
     def projections(self) -> list[FeedbackProjection]:
-        names = ["in_proj_feedback"] if self._qkv_same_embed_dim else ["q_proj_feedback", "k_proj_feedback",
-                                                                       "v_proj_feedback"]
-        return [getattr(self, name) for name in names]
+        return [getattr(self, name.replace("_weight", "_feedback")) for name in self._projection_weights()]
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,

@@ -169,7 +169,6 @@ class FeedbackLayer:
         draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
         return None
 
-
     # -- per-step work --------------------------------------------------------------------
     def _write_raw_feedback(self, weight: Tensor) -> SquaredNorms | None:
         return self.rule.write_feedback(weight.detach(), self.feedback_direction, self._draw_uniform,
@@ -243,17 +242,20 @@ class FeedbackLayer:
         node = output.grad_fn
         if node is None:
             return
-        pending = self._pending_backward
-        if len(pending) >= 8:  # forwards whose graph was dropped without a backward
-            pending[:] = [ref for ref in pending if (n := ref()) is not None and saved_tensors_alive(n)]
-        pending.append(weakref.ref(node))
+        if len(self._pending_backward) >= 8:  # forwards whose graph was dropped without a backward
+            self._pending_backward[:] = [weakref.ref(n) for n in self._live_pending_nodes()]
+        self._pending_backward.append(weakref.ref(node))
+
+    def _live_pending_nodes(self) -> list:
+        """The autograd nodes of this layer's forwards whose backward can still run."""
+        return [n for ref in self._pending_backward if (n := ref()) is not None and saved_tensors_alive(n)]
 
     def _copy_for_pending_backward(self, direction: bool, gain: bool) -> None:
         """About to overwrite B's direction and/or gain in place: every forward whose backward has
         not run yet and that holds them gets a copy of its own first."""
         if not self._pending_backward or torch.compiler.is_compiling():
             return
-        nodes = [n for ref in self._pending_backward if (n := ref()) is not None and saved_tensors_alive(n)]
+        nodes = self._live_pending_nodes()
         self._pending_backward.clear()
         storage = self.feedback_direction.untyped_storage().data_ptr()
         for node in nodes:
@@ -319,12 +321,14 @@ class FeedbackLayer:
         raise NotImplementedError  # each layer type says how it calls the Function
 
     def _feedback_output(self, input: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvArgs | None,
-                         pad: tuple | None = None) -> Tensor:
+                         pad: tuple | None = None, feedback: Tensor | None = None) -> Tensor:
         """The layer's output through the rule's autograd Function (conv None: linear), under
         autocast with the dtypes autocast would give the plain op. `pad` (F.pad's arguments) is
         applied to the input first: by F.pad outside the Function for the layer-to-layer rules,
-        inside it for dfa, whose B is sized for the layer's own input."""
-        feedback = self.feedback_direction
+        inside it for dfa, whose B is sized for the layer's own input. `feedback`: part of the
+        direction, for a `weight` that is the same part of W (default: all of it)."""
+        if feedback is None:
+            feedback = self.feedback_direction
         if self.rule.signal == "direct":
             if self.direct_source is None:
                 raise RuntimeError(f"dfa layer {self.layer_name!r} is not part of a model converted "
