@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -36,6 +37,28 @@ SCALABLE_RULES = tuple(r for r in fa.RULES if fa.get_rule(r).scalable)
 def scale_for(rule: str, wanted: str = "match") -> str:
     """The feedback scale a test asks for, or 'none' for a rule that takes none."""
     return wanted if fa.get_rule(rule).scalable else "none"
+
+
+def assert_matches_plain_layer(reference, layer, x, **extra):
+    """A converted conv layer against the plain one it came from: the same output, weight and bias
+    gradients, and as input gradient torch's own backward of the plain layer carrying B in W's
+    place. Returns (input gradient, plain input gradient, the output gradient used)."""
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_new = reference(x_ref, **extra), layer(x_new, **extra)
+    assert torch.equal(out_ref, out_new)
+    grad_output = torch.randn_like(out_ref)
+    out_ref.backward(grad_output)
+    out_new.backward(grad_output)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    if reference.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
+    through_b = copy.deepcopy(reference)
+    with torch.no_grad():
+        through_b.weight.copy_(layer.feedback_weight)
+    x_b = x.clone().requires_grad_()
+    through_b(x_b, **extra).backward(grad_output)
+    torch.testing.assert_close(x_new.grad, x_b.grad, rtol=1e-12, atol=1e-12)
+    return x_new.grad, x_ref.grad, grad_output
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import feedback_alignment as fa
-from conftest import LAYER_RULES, scale_for
+from conftest import LAYER_RULES, assert_matches_plain_layer, scale_for
 from feedback_alignment.alignment import measure
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -47,22 +47,7 @@ def test_every_convolution_type_matches_torch(rule, config):
     reference = cls(**kwargs)
     layer = fa.convert(copy.deepcopy(reference), rule=rule, scale=scale_for(rule), seed=1)
     assert isinstance(layer, cls) and isinstance(layer, fa.FeedbackLayer)
-    x = torch.randn(shape)
-    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out_new = reference(x_ref, **extra), layer(x_new, **extra)
-    assert torch.equal(out_ref, out_new)
-    grad_output = torch.randn_like(out_ref)
-    out_ref.backward(grad_output)
-    out_new.backward(grad_output)
-    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
-    if reference.bias is not None:
-        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
-    through_b = copy.deepcopy(reference)
-    with torch.no_grad():
-        through_b.weight.copy_(layer.feedback_weight)
-    x_b = x.clone().requires_grad_()
-    through_b(x_b, **extra).backward(grad_output)
-    torch.testing.assert_close(x_new.grad, x_b.grad, rtol=1e-12, atol=1e-12)
+    assert_matches_plain_layer(reference, layer, torch.randn(shape), **extra)
 
 
 class ScaledLinear(nn.Linear):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import feedback_alignment as fa
-from conftest import LAYER_RULES, scale_for
+from conftest import LAYER_RULES, assert_matches_plain_layer, scale_for
 
 # Exact comparisons in double precision; float32 and bf16 paths are tested elsewhere.
 pytestmark = pytest.mark.usefixtures("float64")
@@ -37,30 +37,15 @@ def test_conv_gradients_match_torch(rule, config):
     reference = nn.Conv2d(**config)
     layer = _converted_copy(reference, rule)
     x = torch.randn(2, config["in_channels"], 11, 10)
-    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out_new = reference(x_ref), layer(x_new)
-    assert torch.equal(out_ref, out_new)
-    grad_output = torch.randn_like(out_ref)
-    out_ref.backward(grad_output)
-    out_new.backward(grad_output)
-    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
-    if reference.bias is not None:
-        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
-
-    feedback = layer.feedback_weight.detach()
     # Input gradient through B: torch's own conv backward of the same layer carrying B as weight.
-    through_b = copy.deepcopy(reference)
-    with torch.no_grad():
-        through_b.weight.copy_(feedback)
-    x_b = x.clone().requires_grad_()
-    through_b(x_b).backward(grad_output)
-    torch.testing.assert_close(x_new.grad, x_b.grad, rtol=1e-12, atol=1e-12)
+    grad, grad_plain, grad_output = assert_matches_plain_layer(reference, layer, x)
+    feedback = layer.feedback_weight.detach()
     if config.get("padding_mode", "zeros") == "zeros" and not isinstance(config.get("padding"), str):
         expected = torch.nn.grad.conv2d_input(x.shape, feedback, grad_output, reference.stride,
                                               reference.padding, reference.dilation, reference.groups)
-        torch.testing.assert_close(x_new.grad, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     if rule == "bp":
-        torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad_plain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rule", LAYER_RULES)
