@@ -13,7 +13,7 @@ from torch import nn
 
 import feedback_alignment as fa
 from conftest import LAYER_RULES, assert_matches_plain_layer, scale_for
-from feedback_alignment.alignment import measure
+from feedback_alignment.alignment import angle_degrees, measure
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -319,3 +319,15 @@ def test_measure_leaves_a_dfa_model_exactly_as_it_found_it():
         assert state[key].shape == after[key].shape and torch.equal(state[key], after[key]), key
     assert torch.equal(torch.get_rng_state(), rng)
     assert model[0].feedback_direction.numel() == 0  # still to be drawn by the first training forward
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv1d(3, 5, 3), lambda: nn.Conv3d(2, 4, 3, groups=2),
+                                  lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)],
+                         ids=["conv1d", "conv3d-groups", "conv-transpose2d"])
+def test_weight_mirrors_learn_w_for_every_convolution_type(make):
+    torch.manual_seed(0)
+    layer = fa.convert(make(), rule="wm", seed=0)
+    assert angle_degrees(layer.feedback_weight, layer.weight) > 80
+    for _ in range(60):
+        fa.mirror.mirror_step(layer)
+    assert angle_degrees(layer.feedback_weight, layer.weight) < 5

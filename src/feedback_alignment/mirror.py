@@ -63,8 +63,7 @@ def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
         else:  # every output position does
             side = [d * (k - 1) + 1 + s * (MIRROR_POSITIONS - 1)
                     for k, s, d in zip(layer.kernel_size, stride, dilation)]
-        x = _noise(layer, (batch_size, weight.shape[1] * layer.groups if not layer.transposed
-                           else weight.shape[0], *side))
+        x = _noise(layer, (batch_size, layer.in_channels, *side))
         conv = (stride, [0] * spatial, dilation, layer.transposed, [0] * spatial, layer.groups)
         y = torch.convolution(x, weight, None, *conv)
         _, estimate, _ = torch.ops.aten.convolution_backward(y, x, weight, None, *conv, [False, True, False])
