@@ -1,45 +1,13 @@
-"""The code a GPU runs, run on CPU tensors: the per-step random words and the host
-synchronizations of a training step."""
+"""The code a GPU runs, run on CPU tensors: what a training step reads back to the host, and how
+many operations the per-step refresh dispatches (test_draws.py has the GPU's random words)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import feedback_alignment as fa
-from feedback_alignment import draws
+from feedback_alignment.layers import refresh_ahead_of_forward
 from feedback_alignment.models import build_model
-
-WORDS = 1 << 20  # 4 M levels: a lane's mean is known to about 1e-3 of its range
-
-
-def _lanes(levels: torch.Tensor) -> torch.Tensor:
-    """The four 16-bit lanes of each 64-bit word, as columns, in [0, 1)."""
-    return levels.view(-1, 4).double() / (1 << 16)
-
-
-@pytest.mark.parametrize("make", ["device-path", "cpu-path"])
-def test_every_16_bit_lane_of_the_random_words_is_uniform(make):
-    if make == "device-path":  # what a GPU runs, here on the CPU's generator
-        words = draws.torch_random_words(WORDS, seed=12345, device=torch.device("cpu"))
-    else:
-        words = draws._random_words(WORDS, seed=12345, device=torch.device("cpu"))
-    lanes = _lanes(words.view(torch.uint16).to(torch.int32))
-    top_bit = (lanes >= 0.5).double().mean(0)
-    assert torch.allclose(top_bit, torch.full((4,), 0.5, dtype=torch.float64), atol=0.005), top_bit
-    assert torch.allclose(lanes.mean(0), torch.full((4,), 0.5, dtype=torch.float64), atol=0.003), lanes.mean(0)
-
-
-@pytest.mark.parametrize("path", ["device-path", "cpu-path"])
-def test_fast_uniform_is_uniform_at_every_output_position(path, monkeypatch):
-    if path == "device-path":
-        monkeypatch.setattr(draws, "_random_words", draws.torch_random_words)
-    values = draws.fast_uniform_(torch.empty(4 * WORDS // 4), -1.0, 3.0, seed=7, layer_name="l", draw=0)
-    positions = values.view(-1, 4).double()
-    assert positions.min() > -1.0 and positions.max() < 3.0
-    assert torch.allclose(positions.mean(0), torch.ones(4, dtype=torch.float64), atol=0.01), positions.mean(0)
-    above = (positions > 1.0).double().mean(0)
-    assert torch.allclose(above, torch.full((4,), 0.5, dtype=torch.float64), atol=0.005), above
-
 
 class _HostReads(TorchDispatchMode):
     """Counts the operations that copy a tensor's value to the host (int(t), t.item()): on a GPU
@@ -74,3 +42,45 @@ def test_a_training_step_reads_nothing_back_to_the_host(rule, monkeypatch):
             fa.mirror.mirror_step(model)
         assert reads.count == 0, (rule, step)
     native.reset()
+
+
+class _Operations(TorchDispatchMode):
+    """Counts the operations dispatched that compute something (views only relabel memory: no
+    kernel runs for them on any device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _deep_model(rule, depth, constrain):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(2, 6, 3, padding=1)] + [torch.nn.Conv2d(6, 6, 3, padding=1) for _ in range(depth)]
+    model = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 4))
+    scale = "match" if fa.get_rule(rule).scalable else "none"
+    return fa.convert(model, rule=rule, scale=scale, seed=0, constrain_weight_norm=constrain)
+
+
+@pytest.mark.parametrize("constrain", [False, True])
+@pytest.mark.parametrize("rule", fa.RULES)
+def test_the_refresh_of_a_model_takes_as_many_operations_for_any_number_of_layers(rule, constrain, monkeypatch):
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_NATIVE", "0")  # the PyTorch operations a GPU runs
+    from feedback_alignment import native
+    native.reset()
+    counts = []
+    for depth in (2, 12):
+        model = _deep_model(rule, depth, constrain)
+        refresh_ahead_of_forward(model, ())  # dfa and the first draws behind us
+        with _Operations() as operations:
+            refresh_ahead_of_forward(model, ())
+        counts.append(operations.count)
+    native.reset()
+    assert counts[0] == counts[1], counts
+    # about fifty for brsf, whose draw is two dozen int64 operations; a loop over layers would
+    # add as many per layer
+    assert counts[0] <= 60, counts

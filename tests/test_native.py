@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import feedback_alignment as fa
-from feedback_alignment import draws, native
+from feedback_alignment import native
 from feedback_alignment.models import build_model
 
 # Sizes around every boundary the kernel has: its 8-wide vectors, the 256-entry float sums, the
 # 4096-entry sub-blocks, the 65536-entry blocks that threads split (two blocks or more run in
-# parallel) and the 2^20-entry generator chunks of brsf's levels.
-SIZES = (1, 7, 8, 13, 255, 257, 4095, 4096 + 3, 2 * 65536 + 5, draws.FAST_CHUNK + 4 * 65536 + 11)
+# parallel), in several blocks per thread.
+SIZES = (1, 7, 8, 13, 255, 257, 4095, 4096 + 3, 2 * 65536 + 5, (1 << 20) + 4 * 65536 + 11)
 
 
 def weight_with_zeros(size, seed=0):
@@ -47,44 +47,49 @@ def test_sign_times_magnitude_equals_torch(kernel, size):
             float64_squares(nan_free), rel=1e-6)
 
 
+def splitmix64_levels(key, count):
+    """The 16-bit levels (lowest bits first) of SplitMix64 seeded with `key`, its published
+    definition in numpy's wrapping uint64 arithmetic."""
+    state = np.uint64(key) + np.arange(1, (count + 3) // 4 + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))).astype("<u8").view("<u2")[:count]
+
+
 @pytest.mark.parametrize("size", SIZES)
-def test_signed_levels_are_numpys_sfc64_words_read_as_16_bit_levels(kernel, size):
-    # Independent reference: numpy's words per chunk, split by hand into four 16-bit levels,
+def test_signed_levels_are_splitmix64_words_read_as_16_bit_levels(kernel, size):
+    # Independent reference: the draw's words, split by hand into four 16-bit levels each,
     # (2k + 1) * step with the sign of W.
     weight = weight_with_zeros(size, seed=2).nan_to_num(0.0)
     step = np.float32(0.37 / 2**17)
-    states = draws._chunk_states(size, 3, "layer", 9)
-    levels = []
-    for index in range(len(states)):
-        count = min(draws.FAST_CHUNK, size - index * draws.FAST_CHUNK)
-        words = np.random.SFC64(draws.stream_seed(3, "layer", 9, index)).random_raw((count + 3) // 4)
-        levels.append(words.astype("<u8").view("<u2")[:count])
-    magnitudes = (2 * np.concatenate(levels).astype(np.float32) + 1) * step
+    key = 0xC0FFEE0123456789
+    magnitudes = (2 * splitmix64_levels(key, size).astype(np.float32) + 1) * step
     expected = torch.sign(weight) * torch.from_numpy(magnitudes)
     feedback = torch.empty(size)
-    norms = native.signed_feedback_(feedback, weight, chunk_states=states, chunk=draws.FAST_CHUNK, step=float(step))
+    norms = native.signed_feedback_(feedback, weight, key=key, step=float(step))
     assert torch.equal(feedback, expected)
     assert norms.feedback == pytest.approx(float64_squares(expected), rel=1e-6, abs=1e-30)
     assert norms.weight == pytest.approx(float64_squares(weight), rel=1e-6)
 
 
 def test_results_do_not_depend_on_the_thread_count(kernel):
-    size = draws.FAST_CHUNK + 9 * 65536 + 3
+    size = (1 << 20) + 9 * 65536 + 3
     weight = weight_with_zeros(size).nan_to_num(0.0)
-    states = draws._chunk_states(size, 0, "w", 0)
     results = {}
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             feedback = torch.empty(size)
-            norms = native.signed_feedback_(feedback, weight, chunk_states=states, chunk=draws.FAST_CHUNK, step=1e-3)
-            results[threads] = feedback, norms
+            norms = native.signed_feedback_(feedback, weight, key=12345, step=1e-3)
+            words = native.random_words_(torch.empty(size // 4, dtype=torch.int64), 12345, first=7)
+            results[threads] = feedback, norms, words
     finally:
         torch.set_num_threads(previous)
     for threads in (2, 3):
         assert torch.equal(results[threads][0], results[1][0])
         assert results[threads][1] == results[1][1]  # the same sums to the last bit
+        assert torch.equal(results[threads][2], results[1][2])
 
 
 def test_the_baseline_build_agrees_with_the_vector_clone_to_the_bit(kernel, monkeypatch, tmp_path):
@@ -95,8 +100,7 @@ def test_the_baseline_build_agrees_with_the_vector_clone_to_the_bit(kernel, monk
     size = 3 * 65536 + 4099
     weight = weight_with_zeros(size, seed=5).nan_to_num(0.0)
     magnitude = torch.rand(size)
-    states = draws._chunk_states(size, 1, "b", 2)
-    for arguments in (dict(), dict(magnitude=magnitude), dict(chunk_states=states, chunk=draws.FAST_CHUNK, step=1e-4)):
+    for arguments in (dict(), dict(magnitude=magnitude), dict(key=2**64 - 5, step=1e-4)):
         default, reference = torch.empty(size), torch.empty(size)
         norms = native.signed_feedback_(default, weight, **arguments)
         assert native.signed_feedback_(reference, weight, **arguments, kernel=baseline) == norms
@@ -180,11 +184,9 @@ def test_it_shares_torchs_openmp_runtime(kernel):
     assert before and after == before
 
 
-def test_states_that_do_not_fit_the_tensor_are_refused(kernel):
-    weight = torch.randn(10)
-    with pytest.raises(ValueError, match="1 generator states for chunks of 4 entries do not fit 10 entries"):
-        native.signed_feedback_(torch.empty(10), weight, chunk_states=draws._chunk_states(4, 0, "w", 0),
-                                chunk=4, step=1.0)
+def test_the_words_kernel_refuses_a_tensor_it_cannot_fill(kernel):
+    with pytest.raises(ValueError, match="contiguous int64 CPU tensor, not torch.float32 on cpu"):
+        native.random_words_(torch.empty(10), 1)
 
 
 def test_the_kernel_stays_out_of_torch_compile_and_other_tensors(kernel):

@@ -78,7 +78,7 @@ def test_feedback_draws_do_not_depend_on_the_memory_layout(fill):
     contiguous = torch.empty(64, 8, 3, 3)
     channels_last = torch.empty(64, 8, 3, 3).to(memory_format=torch.channels_last)
     for tensor in (contiguous, channels_last):
-        getattr(draws, fill)(tensor, -0.5, 0.5, seed=3, layer_name="conv", draw=2)
+        getattr(draws, fill)(tensor, -0.5, 0.5, key=draws.draw_key(draws.layer_key(3, "conv"), 2))
     assert not channels_last.is_contiguous()
     assert torch.equal(channels_last, contiguous)
 

@@ -43,7 +43,7 @@ def _untouched(model: nn.Module, devices):
     grads = {p: p.grad for p in model.parameters()}
     buffers = {m: dict(m._buffers) for m in model.modules()}
     values = [(b, b.detach().clone()) for m in buffers for b in m._buffers.values() if b is not None]
-    layers = {m: (m._fresh_for, m._refreshed_ahead, m._awaiting_first_draw, list(m._pending_backward), m._draw_count)
+    layers = {m: (m._fresh_for, m._refreshed_ahead, m._awaiting_first_draw, list(m._pending_backward), m.host_draw_count())
               for m in model.modules() if isinstance(m, FeedbackLayer)}
     sources = {id(s): (s, s.current) for m in layers if (s := getattr(m, "direct_source", None)) is not None}
     cpu_rng = torch.get_rng_state()

@@ -1,50 +1,109 @@
-"""Random draws for feedback weights: reproducible, cheap, and independent of the global RNG.
+"""Random draws for feedback weights: one definition of every stream, the same on every device.
 
-Every draw is identified by (seed, layer name, draw index); it is made in chunks, each from its
-own generator seeded by a hash of that identity and the chunk index. So the same seed gives the
-same B whatever else consumed random numbers, a resumed run continues the stream from the draw
-counter, DDP ranks agree without communicating, and the values never depend on how many threads
-a machine has. The generators are torch's (Mersenne Twister on a CPU, Philox on a GPU), except
-numpy's SFC64 for the per-step draws on a CPU. Here those chunks are filled one after another: a
-Python thread pool was slower on a 2-core CPU, where OpenMP's workers keep spinning for a while
-after every parallel region of the training step and take the pool's cores (BENCHMARKS.md).
-native.py's fused kernel, when it is built, makes the same SFC64 words on those OpenMP threads
-themselves.
+A layer's stream is keyed by its seed and name (`layer_key`). Its draw number d is SplitMix64
+(Steele, Lea & Flood 2014) seeded with the d-th output of SplitMix64 seeded with the layer's key:
+
+    draw_key(layer, d) = mix64(layer_key + (d + 1) * GAMMA)
+    word i of the draw  = mix64(draw_key + (i + 1) * GAMMA)        (mod 2^64)
+
+Every word is a function of (seed, layer name, draw index, position) alone. So the same seed
+gives the same B whatever else consumed random numbers; a resumed run continues the stream from
+the draw counter; DDP ranks agree without communicating; the values depend neither on the number
+of threads nor on the device: torch's int64 operations compute the same words on a CPU and on
+CUDA, the fused CPU kernel (native.py) computes them in C, and the tests hold all three to a
+reference written from the published algorithm. Nothing here uses torch's or numpy's generators.
+
+How words become values:
+- per-step draws (brsf's magnitudes, wm's noise) read a word as four 16-bit levels k, lowest
+  bits first, and take low + (k + 1/2) (high - low) / 2^16: 65536 levels of U(low, high) are
+  far finer than any effect of the magnitude distribution, and four values per word keep the
+  draw cheap;
+- draws made once (fa's B, frsf's magnitudes) take one word per value at full precision: its top
+  24 bits for float32 (53 for float64), low + u (high - low) with u uniform on [0, 1).
 """
 from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import native
 
-DRAW_CHUNK = 1 << 18
-# Draws made before every step (brsf) use 16 random bits per entry, not float32's 24: a
-# generator costs about as much per call either way, and one 64-bit word read as four uint16
-# values gives four levels with no masking pass. 65536 levels of U(low, high) are far finer than
-# any effect of the magnitude distribution.
+GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2^64 over the golden ratio, odd
+MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+MASK64 = (1 << 64) - 1
 FAST_BITS = 16
-FAST_CHUNK = 1 << 20  # entries per generator in those draws (smaller chunks cost more on a CPU)
-assert FAST_CHUNK % native.LEVEL_CHUNK_MULTIPLE == 0
+# Entries per piece of a full-precision draw: bounds its temporary words (8 bytes per entry);
+# the values do not depend on it (every word is a function of its position).
+PIECE = 1 << 22
 
-_workspaces: dict[tuple, Tensor] = {}
+# -- the stream's definition, on the host ---------------------------------------------------
+
+def layer_key(seed: int, layer_name: str) -> int:
+    """The 64-bit key of a layer's stream, from its seed and name alone."""
+    digest = hashlib.sha256(f"{seed}\0{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
-def stream_seed(seed: int, layer_name: str, draw: int, chunk: int = 0) -> int:
-    """A 63-bit seed from (seed, layer name, draw index, chunk index) alone."""
-    digest = hashlib.sha256(f"{seed}\0{layer_name}\0{draw}\0{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+def mix64(x: int) -> int:
+    """SplitMix64's output function on an unsigned 64-bit integer."""
+    x = ((x ^ (x >> 30)) * MIX[0]) & MASK64
+    x = ((x ^ (x >> 27)) * MIX[1]) & MASK64
+    return x ^ (x >> 31)
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    # A fresh generator per chunk: cheap next to the draw, and nothing unpicklable kept around.
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+def draw_key(key: int, draw: int) -> int:
+    """The key of draw number `draw` of the stream keyed `key`."""
+    return mix64((key + (draw + 1) * GAMMA) & MASK64)
 
+
+def as_int64(value: int) -> int:
+    """An unsigned 64-bit integer as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    value &= MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+# -- the same in torch int64 operations (any device) -----------------------------------------
+
+def _shift_right_(x: Tensor, bits: int, scratch: Tensor) -> Tensor:
+    """x >> bits as an unsigned shift (torch shifts int64 arithmetically), into `scratch`."""
+    torch.bitwise_right_shift(x, bits, out=scratch)
+    return scratch.bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def mix64_(x: Tensor) -> Tensor:
+    """mix64 in place on an int64 tensor (multiplication wraps modulo 2^64 on every device)."""
+    scratch = torch.empty_like(x)
+    x.bitwise_xor_(_shift_right_(x, 30, scratch)).mul_(as_int64(MIX[0]))
+    x.bitwise_xor_(_shift_right_(x, 27, scratch)).mul_(as_int64(MIX[1]))
+    return x.bitwise_xor_(_shift_right_(x, 31, scratch))
+
+
+def draw_keys(layer_keys: Tensor, draws: Tensor) -> Tensor:
+    """draw_key for int64 tensors of keys and draw indices, computed where they are (no host
+    value needed: on a GPU the draw index never leaves the device)."""
+    return mix64_((draws + 1) * as_int64(GAMMA) + layer_keys)
+
+
+def torch_words(key: int, count: int, device: torch.device, first: int = 0) -> Tensor:
+    """Words first, ..., first + count - 1 of the draw keyed `key`, in torch operations."""
+    counters = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
+    return mix64_(counters.mul_(as_int64(GAMMA)).add_(as_int64(key)))
+
+
+def words(key: int, count: int, device: torch.device, first: int = 0) -> Tensor:
+    """Words first, ..., first + count - 1 of the draw keyed `key` (int64 with the words' bits):
+    by the fused kernel on a CPU where it is built, else in torch operations."""
+    device = torch.device(device)
+    if device.type == "cpu" and count > 0 and native.library() is not None:
+        out = torch.empty(count, dtype=torch.int64)
+        native.random_words_(out, key, first)
+        return out
+    return torch_words(key, count, device, first)
+
+
+# -- values from words -----------------------------------------------------------------------
 
 def _in_logical_order(fill_, tensor: Tensor, *args) -> Tensor | None:
     """Draws follow the logical (row-major) order of entries, so that a channels_last buffer gets
@@ -54,93 +113,70 @@ def _in_logical_order(fill_, tensor: Tensor, *args) -> Tensor | None:
     return tensor.copy_(fill_(torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device), *args))
 
 
-def uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
-    """Fill `tensor` with U(low, high) at full float precision."""
-    if (done := _in_logical_order(uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
+def unit_uniform(word_values: Tensor, dtype: torch.dtype) -> Tensor:
+    """u uniform on [0, 1) from each word's top bits: 53 for float64, else 24 (exact in float32)."""
+    bits = 53 if dtype == torch.float64 else 24
+    top = torch.bitwise_right_shift(word_values, 64 - bits).bitwise_and_((1 << bits) - 1)
+    return top.to(torch.float64 if bits == 53 else torch.float32).mul_(2.0 ** -bits)
+
+
+def uniform_(tensor: Tensor, low: float, high: float, key: int) -> Tensor:
+    """Fill `tensor` with U(low, high) at full precision, one word per entry of the draw `key`."""
+    if (done := _in_logical_order(uniform_, tensor, low, high, key)) is not None:
         return done
-    for index, chunk in enumerate(tensor.view(-1).split(DRAW_CHUNK)):
-        chunk.uniform_(low, high, generator=_generator(chunk.device, stream_seed(seed, layer_name, draw, index)))
+    flat = tensor.view(-1)
+    for first in range(0, flat.numel(), PIECE):
+        piece = flat[first:first + PIECE]
+        values = unit_uniform(words(key, piece.numel(), tensor.device, first), tensor.dtype)
+        piece.copy_(values.mul_(high - low).add_(low))
     return tensor
 
 
-def workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable scratch tensor: per-step feedback work would otherwise allocate (and
-    page-fault) a weight-sized temporary for every layer at every step. One per (device, dtype);
-    the caller must be done with it before asking again."""
-    numel = int(torch.Size(shape).numel())
-    key = (torch.device(device), dtype)
-    buffer = _workspaces.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
-
-
-def _random_words(count: int, seed: int, device: torch.device) -> Tensor:
-    """`count` random 64-bit words from one generator seeded with `seed`."""
-    if device.type == "cpu":
-        # numpy's SFC64 makes a word in about half the time torch's CPU Mersenne Twister takes.
-        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
-    return torch_random_words(count, seed, device)
-
-
-def torch_random_words(count: int, seed: int, device: torch.device) -> Tensor:
-    """`count` random words from torch's generator of `device` (Philox on a GPU), all 64 bits
-    random: random_ over the whole int64 range. (Plain random_() stops at 2^63 - 1 and never
-    sets the top bit, which drew every fourth 16-bit level from half its range.)"""
-    words = torch.empty(count, dtype=torch.int64, device=device)
-    return words.random_(-(2**63), None, generator=_generator(device, seed))
-
-
-def _fast_levels_(tensor: Tensor, seed: int, layer_name: str, draw: int) -> Tensor:
-    """Fill the contiguous `tensor` with integers k uniform on {0, ..., 2^16 - 1}: a random 64-bit
-    word read as four uint16 values, FAST_CHUNK entries per generator."""
-    if tensor.numel() == 0:  # no words to read (a layer with no inputs or outputs)
-        return tensor
-    for index, chunk in enumerate(tensor.view(-1).split(FAST_CHUNK)):
-        words = _random_words((chunk.numel() + 3) // 4, stream_seed(seed, layer_name, draw, index), chunk.device)
-        chunk.copy_(words.view(torch.uint16)[:chunk.numel()])
-        # Freed before the next chunk's words are allocated, so that malloc hands the same memory
-        # back: with two chunks alive at once it maps fresh pages each time, and the page faults
-        # (about 2000 per resnet18 step) took longer than the draw itself.
-        del words
+def levels_(tensor: Tensor, key: int) -> Tensor:
+    """Fill the contiguous `tensor` with the 16-bit levels k of the draw `key` (four per word,
+    lowest bits first: on every device torch stores int64 little-endian)."""
+    count = tensor.numel()
+    if count:
+        tensor.view(-1).copy_(words(key, (count + 3) // 4, tensor.device).view(torch.uint16)[:count])
     return tensor
 
 
-def fast_uniform_(tensor: Tensor, low: float, high: float, seed: int, layer_name: str, draw: int) -> Tensor:
-    """Fill `tensor` with U(low, high) at 2^16 levels: low + (k + 1/2) (high - low) / 2^16, k uniform
-    on {0, ..., 2^16 - 1}."""
-    if (done := _in_logical_order(fast_uniform_, tensor, low, high, seed, layer_name, draw)) is not None:
+def fast_uniform_(tensor: Tensor, low: float, high: float, key: int) -> Tensor:
+    """Fill `tensor` with U(low, high) at 2^16 levels: low + (k + 1/2) (high - low) / 2^16."""
+    if (done := _in_logical_order(fast_uniform_, tensor, low, high, key)) is not None:
         return done
-    _fast_levels_(tensor, seed, layer_name, draw)
+    levels_(tensor, key)
     step = (high - low) / (1 << FAST_BITS)
     return tensor.add_(0.5).mul_(step).add_(low) if low else tensor.add_(0.5).mul_(step)
 
 
-def _chunk_states(numel: int, seed: int, layer_name: str, draw: int) -> np.ndarray:
-    """The starting states (chunks x 4 words) of the SFC64 generators of a per-step CPU draw."""
-    return np.stack([np.random.SFC64(stream_seed(seed, layer_name, draw, index)).state["state"]["state"]
-                     for index in range(-(-numel // FAST_CHUNK))])
+# -- many layers' draws in a few operations ---------------------------------------------------
+
+def levels_of_keys(key: Tensor, count: int, dtype: torch.dtype) -> Tensor:
+    """The first `count` 16-bit levels of the draw whose key is the one-entry int64 tensor `key`,
+    as a flat `dtype` tensor (StreamPlan.levels for a single draw, traceable by torch.compile)."""
+    counters = torch.arange(1, (count + 3) // 4 + 1, dtype=torch.int64, device=key.device)
+    return mix64_(counters.mul_(as_int64(GAMMA)).add_(key)).view(torch.uint16)[:count].to(dtype)
 
 
-def fast_uniform_times_sign_(tensor: Tensor, high: float, sign_of: Tensor, seed: int, layer_name: str,
-                             draw: int) -> native.SquaredNorms | None:
-    """Fill `tensor` with fast_uniform_'s U(0, high) draw times sign(sign_of), the same values to
-    the bit, in fewer passes: with k the levels and s = sign(sign_of), s (2k + 1) high / 2^17 is
-    s (k + 1/2) high / 2^16. Returns ||tensor||^2 and ||sign_of||^2 where the fused CPU kernel
-    made the draw (it sums them on the way), else None."""
-    step = high / (1 << (FAST_BITS + 1))
-    if native.takes(tensor, sign_of):
-        states = _chunk_states(tensor.numel(), seed, layer_name, draw)
-        return native.signed_feedback_(tensor, sign_of, chunk_states=states, chunk=FAST_CHUNK, step=step)
-    if not tensor.is_contiguous():  # draws follow the logical order of entries (_in_logical_order)
-        contiguous = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        norms = fast_uniform_times_sign_(contiguous, high, sign_of, seed, layer_name, draw)
-        tensor.copy_(contiguous)
-        return norms
-    # k as floats first: an addcmul mixing int16 and float takes a slow element-wise cast (4x).
-    _fast_levels_(tensor, seed, layer_name, draw)
-    signs = torch.sign(sign_of, out=workspace(tensor.shape, tensor.dtype, tensor.device))
-    # s + 2 s k = s (2k + 1) in one addcmul
-    torch.addcmul(signs, signs, tensor, value=2, out=tensor)
-    tensor.mul_(step)
-    return None
+class StreamPlan:
+    """Where each of several draws' words lie in one flat tensor, so that one draw of every
+    layer of a model takes a fixed number of tensor operations, however many layers there are.
+    Made once per set of layers (and device); the keys change every step, the plan does not."""
+
+    def __init__(self, sizes: list[int], device: torch.device):
+        self.sizes = list(sizes)
+        word_counts = [(size + 3) // 4 for size in sizes]
+        counts = torch.tensor(word_counts, dtype=torch.int64)
+        segment = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        positions = torch.arange(segment.numel(), dtype=torch.int64) - starts[segment] + 1
+        self.segment = segment.to(device)  # which draw each word belongs to
+        self.counters = positions.mul_(as_int64(GAMMA)).to(device)  # (i + 1) * GAMMA, per word
+        # Each draw's levels, then the 0-3 levels of its last word that it leaves unused.
+        self.pieces = [n for size, words in zip(sizes, word_counts) for n in (size, 4 * words - size)]
+
+    def levels(self, keys: Tensor, dtype: torch.dtype) -> list[Tensor]:
+        """The 16-bit levels of the draws keyed `keys` (one per size), as flat `dtype` tensors."""
+        flat = mix64_(keys[self.segment].add_(self.counters)).view(torch.uint16).to(dtype)
+        return list(flat.split(self.pieces)[0::2])

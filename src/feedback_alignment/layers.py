@@ -24,7 +24,6 @@ dfa's layers use the Function of direct.py instead.
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 
@@ -32,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import draws
+from . import draws, refresh
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
 from .functions import ConvArgs, FeedbackConvFunction, FeedbackLinearFunction, saved_tensors_alive
-from .native import SquaredNorms
 from .rules import Rule, check_scale, default_init_bound, get_rule
 
 
@@ -94,8 +92,14 @@ class FeedbackLayer:
         # continues the same stream.
         self.register_buffer("feedback_seed", torch.tensor(self.seed, dtype=torch.int64))
         self.register_buffer("feedback_draws", torch.zeros((), dtype=torch.int64))
+        # The stream's key (draws.py) where the draws are made, so that a draw on a GPU needs no
+        # value from the host; derived from the seed and name, so not saved.
+        self.register_buffer("feedback_stream_key", torch.zeros((), dtype=torch.int64, device=weight.device),
+                             persistent=False)
+        self._set_stream_key()
         # The counter's value on the host: reading the buffer on a GPU would wait for the device.
-        self._draw_count = 0
+        # None after compiled code advanced the buffer (host_draw_count reads it back then).
+        self._draw_count: int | None = 0
         if self.constrain_weight_norm:
             self.register_buffer("weight_norm_target", torch.empty((), dtype=torch.float32, device=weight.device))
         if self.rule.signal == "direct":
@@ -119,6 +123,18 @@ class FeedbackLayer:
         if not weight.is_meta:
             self._draw_initial_feedback(weight)
 
+    def host_draw_count(self) -> int:
+        """The number of draws made so far, from the host's copy of the counter (read back from
+        the buffer only after compiled code has advanced it)."""
+        if self._draw_count is None:
+            self._draw_count = int(self.feedback_draws)
+        return self._draw_count
+
+    def _set_stream_key(self) -> None:
+        self.stream_key = draws.layer_key(self.seed, self.layer_name)
+        if not self.feedback_stream_key.is_meta:
+            self.feedback_stream_key.fill_(draws.as_int64(self.stream_key))
+
     @torch.no_grad()
     def _draw_initial_feedback(self, weight: Tensor) -> None:
         """What conversion sets from W: the norm target, fixed random values, B and its gain."""
@@ -126,6 +142,7 @@ class FeedbackLayer:
         self.feedback_draws.zero_()
         self._draw_count = 0
         self.feedback_seed.fill_(self.seed)
+        self._set_stream_key()
         if self.constrain_weight_norm:
             self.weight_norm_target.copy_(frobenius_norm(weight))
         if self.rule.write_feedback is None:
@@ -135,11 +152,11 @@ class FeedbackLayer:
             return
         if self.rule.keeps_magnitude:
             self._draw_uniform(self.feedback_magnitude, 0.0, self.init_bound)
-        self._write_raw_feedback(weight)
+        refresh.write_feedback([self], [weight])
         if self.rule.fixed_direction and self.rule.scalable:
             self.feedback_direction_norm.copy_(frobenius_norm(self.feedback_direction))
         if self.scale != "none":
-            self.feedback_gain.fill_(self._norm_ratio(weight))
+            self.feedback_gain.copy_(refresh.norm_ratios([self], [weight])[0])
 
     def _draws_if_materialized(self, weight: Tensor) -> None:
         """A layer converted on the meta device draws once its tensors hold real memory."""
@@ -147,43 +164,17 @@ class FeedbackLayer:
             self._draw_initial_feedback(weight.detach())
 
     # -- random draws ---------------------------------------------------------------------
-    def _draw_uniform(self, tensor: Tensor, low: float, high: float,
-                      per_step: bool | None = None, sign_of: Tensor | None = None):
-        """Fill `tensor` with the layer's next draw from U(low, high) and return it; or with U(0,
-        high) times sign(sign_of) (a random-magnitude copy of sign_of's signs) and return the
-        squared norms of both if the fused CPU kernel summed them, else None. Draws made before
-        every step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit path;
-        draws made once keep full precision. By default the rule's randomness says which."""
-        draw = self._draw_count
-        self._draw_count += 1
+    def _draw_uniform(self, tensor: Tensor, low: float, high: float, per_step: bool | None = None) -> Tensor:
+        """Fill `tensor` with the layer's next draw from U(low, high) and return it. Draws made
+        before every step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit
+        levels; draws made once keep full precision. By default the rule's randomness says which."""
+        draw = self.host_draw_count()
+        key = draws.draw_key(self.stream_key, draw)
+        self._draw_count = draw + 1
         self.feedback_draws.add_(1)
         if per_step is None:
             per_step = self.rule.randomness == "every_step"
-        if sign_of is None:
-            fill = draws.fast_uniform_ if per_step else draws.uniform_
-            return fill(tensor, low, high, self.seed, self.layer_name, draw)
-        if low != 0:
-            raise ValueError(f"a draw with the signs of another tensor takes magnitudes from 0, not {low}")
-        if per_step:
-            return draws.fast_uniform_times_sign_(tensor, high, sign_of, self.seed, self.layer_name, draw)
-        draws.uniform_(tensor, 0.0, high, self.seed, self.layer_name, draw).mul_(torch.sign(sign_of))
-        return None
-
-    # -- per-step work --------------------------------------------------------------------
-    def _write_raw_feedback(self, weight: Tensor) -> SquaredNorms | None:
-        return self.rule.write_feedback(weight.detach(), self.feedback_direction, self._draw_uniform,
-                                        self.init_bound, getattr(self, "feedback_magnitude", None))
-
-    def _norm_ratio(self, weight: Tensor, norms: SquaredNorms | None = None) -> Tensor | float:
-        """||W|| / ||direction||, from `norms` where the kernel that wrote B summed them."""
-        if norms is not None:
-            tiny = torch.finfo(self.feedback_direction.dtype).tiny
-            return math.sqrt(norms.weight) / max(math.sqrt(norms.feedback), tiny)
-        weight_norm = frobenius_norm(weight.detach())
-        direction_norm = (self.feedback_direction_norm if self.rule.fixed_direction
-                          else frobenius_norm(self.feedback_direction))
-        # The direction is 0 only where W = 0 everywhere; the clamp keeps B = 0 there, not NaN.
-        return weight_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
+        return (draws.fast_uniform_ if per_step else draws.uniform_)(tensor, low, high, key)
 
     def _parametrized_weight(self) -> bool:
         # parametrize.is_parametrized without its attribute lookup, which raises and catches an
@@ -199,21 +190,11 @@ class FeedbackLayer:
             return tuple((t, t._version) for t in self.parametrizations["weight"].parameters())
         return ((weight, weight._version),)
 
-    @torch.no_grad()
     def refresh_feedback_(self, weight: Tensor | None = None) -> None:
         """Bring W and B up to date for a forward with weight `weight` (default: the layer's):
-        weight-norm constraint, signs of the current W, a fresh draw (brsf), the feedback scale."""
-        weight = self.weight if weight is None else weight
-        self._draws_if_materialized(weight)
-        if self.constrain_weight_norm:
-            weight.mul_(self.weight_norm_target / frobenius_norm(weight))
-        if self.rule.write_feedback is not None:
-            rewrites = not self.rule.fixed_direction
-            self._copy_for_pending_backward(direction=rewrites, gain=self.scale == "match")
-            norms = self._write_raw_feedback(weight) if rewrites else None
-            if self.scale == "match":
-                self.feedback_gain.fill_(self._norm_ratio(weight, norms))
-        self._fresh_for = self._weight_versions(weight)
+        weight-norm constraint, signs of the current W, a fresh draw (brsf), the feedback scale.
+        (refresh.py; the model's pre-hook does the same for many layers at once.)"""
+        refresh.refresh_layers_([self], [self.weight if weight is None else weight])
 
     def _prepare_feedback(self, weight: Tensor) -> None:
         """Before a forward that records gradients through the layer: B up to date for `weight`."""
@@ -222,7 +203,8 @@ class FeedbackLayer:
             self._check_feedback_is_stepped(weight)
         # Under torch.func transforms state cannot change (no draws, no buffer writes): those
         # forwards use B as the latest eager forward left it.
-        if not self._refreshes or self._feedback_frozen or torch._C._are_functorch_transforms_active():
+        if not self._refreshes or self._feedback_frozen or (
+                not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()):
             return
         ahead, self._refreshed_ahead = self._refreshed_ahead, False
         if (ahead or in_backward()) and _same_versions(self._fresh_for, self._weight_versions(weight)):
@@ -381,6 +363,7 @@ class FeedbackLayer:
             self._draw_count = int(draws)
         if (seed := state_dict.get(prefix + "feedback_seed")) is not None:
             self.seed = int(seed)  # the saved stream continues, whatever seed this layer was made with
+            self._set_stream_key()
             # Loaded values replace the draws that a layer converted on the meta device still owes.
             self._awaiting_first_draw = False
         self._fresh_for = None
@@ -534,13 +517,18 @@ def take_over(module: nn.Module, cls: type) -> nn.Module:
 
 def refresh_ahead_of_forward(model: nn.Module, args) -> None:
     """A forward pre-hook (convert puts it on the model): refresh every feedback layer of `model`
-    in one go before its forward, instead of each layer in its own forward between the
-    convolutions. The outcome is the same; the time is not (BENCHMARKS.md). Layers whose W is
-    made during their own forward, layers under torch.compile and forwards recomputed during a
-    backward refresh themselves."""
+    before its forward, the layers of one kind together in a few multi-tensor operations
+    (refresh.py), instead of each layer in its own forward between the convolutions. The outcome
+    is the same; the time is not (BENCHMARKS.md). Layers whose W is made during their own
+    forward, layers under torch.compile and forwards recomputed during a backward refresh
+    themselves."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or in_backward():
         return
+    groups: dict[tuple, list] = {}
     for layer in model.modules():
         if isinstance(layer, FeedbackLayer) and layer.refreshes_ahead():
-            layer.refresh_feedback_()
+            groups.setdefault(refresh.group_key(layer, layer.weight), []).append(layer)
+    for layers in groups.values():
+        refresh.refresh_layers_(layers, [layer.weight for layer in layers])
+        for layer in layers:
             layer._refreshed_ahead = True

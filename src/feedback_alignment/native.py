@@ -1,9 +1,10 @@
 """The fused CPU kernel for the sign-concordant rules' per-step feedback, built on first use.
 
 `signed_feedback_` writes B = sign(W) * magnitude and returns ||B||^2 and ||W||^2, in one read of
-W and one write of B on every core (resources/signed_feedback.c). The PyTorch operations it
-replaces give the same B to the bit (tests/test_native.py); they remain the path on a GPU, for
-tensors the kernel does not take, under torch.compile, and wherever the kernel cannot be built.
+W and one write of B on every core (resources/signed_feedback.c); `random_words_` makes a draw's
+random words (draws.py's stream) on every core. The PyTorch operations they replace give the
+same values to the bit (tests/test_native.py); they remain the path on a GPU, for tensors the
+kernel does not take, under torch.compile, and wherever the kernel cannot be built.
 
 The kernel is compiled with the system C compiler ($CC, else cc) the first time it is needed and
 kept in a cache directory ($FEEDBACK_ALIGNMENT_CACHE, else ~/.cache/feedback_alignment) under a
@@ -23,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,8 +33,6 @@ _SOURCE = "signed_feedback.c"
 # No fused multiply-add: the AVX2 and the baseline builds of each function must agree to the bit.
 _FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _ENABLE_VARIABLE = "FEEDBACK_ALIGNMENT_NATIVE"
-# The kernel's levels stream restarts at chunk boundaries, which must fall between its sub-blocks.
-LEVEL_CHUNK_MULTIPLE = 1 << 12
 
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -112,7 +110,10 @@ def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     function = loaded.fa_signed_feedback
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+                         ctypes.c_int, ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p]
+    words = loaded.fa_random_words
+    words.restype = None
+    words.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return loaded
 
 
@@ -140,22 +141,24 @@ def takes(feedback: Tensor, weight: Tensor, magnitude: Tensor | None = None) -> 
 
 
 def signed_feedback_(feedback: Tensor, weight: Tensor, magnitude: Tensor | None = None,
-                     chunk_states: np.ndarray | None = None, chunk: int = 0, step: float = 0.0,
+                     key: int | None = None, step: float = 0.0,
                      kernel: ctypes.CDLL | None = None) -> SquaredNorms:
     """B = sign(W) * magnitude, where the magnitude is `magnitude`, or the levels (2k + 1) * step
-    of SFC64 generators whose states `chunk_states` (chunks x 4 uint64) start each `chunk` entries,
-    or else 1. Call only where `takes` says yes (`kernel`: another build of it, for tests)."""
+    of the draw keyed `key` (draws.py), or else 1. Call only where `takes` says yes (`kernel`:
+    another build of it, for tests)."""
     norms = (ctypes.c_double * 2)()
     address = None if magnitude is None else magnitude.data_ptr()
-    states = None
-    if chunk_states is not None:
-        if chunk % LEVEL_CHUNK_MULTIPLE or chunk_states.shape != (-(-weight.numel() // chunk), 4):
-            raise ValueError(f"{len(chunk_states)} generator states for chunks of {chunk} entries do not fit "
-                             f"{weight.numel()} entries (chunks must be a multiple of {LEVEL_CHUNK_MULTIPLE})")
-        chunk_states = np.ascontiguousarray(chunk_states, dtype=np.uint64)
-        states = chunk_states.ctypes.data
     status = (kernel or library()).fa_signed_feedback(weight.data_ptr(), feedback.data_ptr(), weight.numel(),
-                                                      address, states, chunk, step, norms)
+                                                      address, key is not None, key or 0, step, norms)
     if status != 0:
         raise MemoryError("fa_signed_feedback: out of memory for its partial sums")
     return SquaredNorms(norms[0], norms[1])
+
+
+def random_words_(out: Tensor, key: int, first: int = 0, kernel: ctypes.CDLL | None = None) -> Tensor:
+    """Fill the contiguous int64 CPU tensor `out` with words first, first + 1, ... of the draw
+    keyed `key`. Call only where `library()` is not None."""
+    if out.dtype != torch.int64 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"random_words_ fills a contiguous int64 CPU tensor, not {out.dtype} on {out.device}")
+    (kernel or library()).fa_random_words(key, first, out.numel(), out.data_ptr())
+    return out

@@ -27,13 +27,15 @@ RANDOMNESS = ("none", "fixed", "every_step")
 @dataclass(frozen=True)
 class Rule:
     name: str
-    # Writes the unscaled feedback into `feedback` (same shape as `weight`), in place, and returns
-    # ||B||^2 and ||W||^2 if it computed them on the way (the fused CPU kernel), else None.
-    # `draw_uniform(tensor, low, high)` fills a tensor with U(low, high) from the layer's own
-    # generator (`draw_uniform(tensor, 0, high, sign_of=weight)`: U(0, high) * sign(weight),
-    # returning the norms or None); `bound` is the layer's default init bound; `magnitude` is
-    # the rule's fixed random magnitude buffer (frsf) or None.
-    write_feedback: Callable[..., SquaredNorms | None] | None
+    # Writes the unscaled feedback of several layers at once (lists, one entry per layer: the
+    # per-step refresh of a whole model takes a few multi-tensor operations, not a loop of
+    # kernels), in place into `feedbacks` (same shapes as `weights`). Returns each layer's ||B||^2
+    # and ||W||^2 if it computed them on the way (the fused CPU kernel), else None.
+    # `draw` is the layers' next draw: draw.uniform_(tensors, lows, highs) fills each tensor with
+    # U(low, high); draw.uniform_times_sign_(tensors, highs, signs_of) with U(0, high) *
+    # sign(sign_of), returning the norms or None. `bounds` are the layers' default init bounds;
+    # `magnitudes` the rule's fixed random magnitude buffers (frsf) or None.
+    write_feedback: Callable[..., list[SquaredNorms] | None] | None
     randomness: str
     # True when sign(B) == sign(W) everywhere (the sign-concordant family).
     sign_concordant: bool
@@ -57,34 +59,36 @@ class Rule:
         return self.learning is None and self.signal == "layer"
 
 
-def _signed(weight: Tensor, feedback: Tensor, magnitude: Tensor | None = None) -> SquaredNorms | None:
-    """B = sign(W) * magnitude (1 when None): exactly 0 where W is 0. One fused pass on a CPU."""
-    if native.takes(feedback, weight, magnitude):
-        return native.signed_feedback_(feedback, weight, magnitude)
-    torch.sign(weight, out=feedback)
-    if magnitude is not None:
-        feedback.mul_(magnitude)
+def _signed(weights: list[Tensor], feedbacks: list[Tensor],
+            magnitudes: list[Tensor] | None = None) -> list[SquaredNorms] | None:
+    """B = sign(W) * magnitude (1 when None): exactly 0 where W is 0. One fused pass per layer on a
+    CPU, else three multi-tensor operations for all layers."""
+    triples = list(zip(weights, feedbacks, magnitudes or [None] * len(weights)))
+    if all(native.takes(feedback, weight, magnitude) for weight, feedback, magnitude in triples):
+        return [native.signed_feedback_(feedback, weight, magnitude) for weight, feedback, magnitude in triples]
+    torch._foreach_copy_(feedbacks, weights)
+    torch._foreach_sign_(feedbacks)
+    if magnitudes is not None:
+        torch._foreach_mul_(feedbacks, magnitudes)
     return None
 
 
-def _fixed_random(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> None:
+def _fixed_random(weights, feedbacks, draw, bounds, magnitudes) -> None:
     # Drawn once at conversion; afterwards B only changes through rescaling.
-    draw_uniform(feedback, -bound, bound)
+    draw.uniform_(feedbacks, [-bound for bound in bounds], bounds)
 
 
-def _uniform_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float, magnitude) -> SquaredNorms | None:
-    return _signed(weight, feedback)
+def _uniform_sign(weights, feedbacks, draw, bounds, magnitudes) -> list[SquaredNorms] | None:
+    return _signed(weights, feedbacks)
 
 
-def _batchwise_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float,
-                           magnitude) -> SquaredNorms | None:
+def _batchwise_random_sign(weights, feedbacks, draw, bounds, magnitudes) -> list[SquaredNorms] | None:
     # |R_t| * sign(W), drawn into B itself (no buffer for magnitudes that live one step).
-    return draw_uniform(feedback, 0.0, bound, sign_of=weight)
+    return draw.uniform_times_sign_(feedbacks, bounds, weights)
 
 
-def _fixed_random_sign(weight: Tensor, feedback: Tensor, draw_uniform, bound: float,
-                       magnitude) -> SquaredNorms | None:
-    return _signed(weight, feedback, magnitude)
+def _fixed_random_sign(weights, feedbacks, draw, bounds, magnitudes) -> list[SquaredNorms] | None:
+    return _signed(weights, feedbacks, magnitudes)
 
 
 _REGISTRY: dict[str, Rule] = {

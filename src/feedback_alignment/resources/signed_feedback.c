@@ -1,9 +1,9 @@
 /* B = sign(W) * magnitude in one read of W and one write of B, with ||B||^2 and ||W||^2 on the way.
  *
  * The per-step work of the sign-concordant rules on a CPU (usf: magnitude 1; frsf: a fixed
- * magnitude tensor; brsf: fresh 16-bit levels (2k + 1) * step from numpy's SFC64 generators, one
- * per chunk of entries). In PyTorch operations it takes four to six passes over weight-sized
- * tensors plus a serial numpy loop for the random words; here both cores draw and write at once.
+ * magnitude tensor; brsf: fresh 16-bit levels (2k + 1) * step from the draw's SplitMix64 words,
+ * draws.py's stream). In PyTorch operations it takes a dozen passes over weight-sized tensors;
+ * here both cores draw and write at once. fa_random_words gives the words alone (wm's noise).
  *
  * Every value equals the PyTorch path's to the bit: torch.sign gives 0 for 0, -0 and NaN, and
  * (s * m) * step == s * (m * step) for s = +-1. The squared norms are summed in float over 256
@@ -38,21 +38,28 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
 typedef uint64_t v2u64 __attribute__((vector_size(16)));
 
-/* numpy's SFC64 (Chris Doty-Humphrey's Small Fast Chaotic generator), state (a, b, c, counter). */
-static inline uint64_t sfc64_next(uint64_t *s) {
-    const uint64_t out = s[0] + s[1] + s[3]++;
-    s[0] = s[1] ^ (s[1] >> 11);
-    s[1] = s[2] + (s[2] << 3);
-    s[2] = ((s[2] << 24) | (s[2] >> 40)) + out;
-    return out;
+/* SplitMix64 (Steele, Lea & Flood 2014): word i of the draw keyed k is mix64(k + (i + 1) * GAMMA),
+ * a function of its position alone, so any thread makes any part of a draw (draws.py). */
+static const uint64_t GAMMA = 0x9E3779B97F4A7C15ull;
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The next word of a draw: `counter` holds k + i * GAMMA for the word i made last. */
+static inline uint64_t next_word(uint64_t *counter) {
+    *counter += GAMMA;
+    return mix64(*counter);
 }
 
 enum magnitude_kind { ONES, ARRAY, LEVELS };
 
 /* out = sign(w) * magnitude for `len` entries, adding sum(out^2) and sum(w^2) to sums[0], sums[1].
  * The magnitude is 1 (ONES), magnitude[j] (ARRAY), or (2k + 1) * step with k the next 16-bit
- * level of the SFC64 generator `state` (LEVELS: one word is four levels, in memory order; the
- * words are made in the same loop, so that the generator's serial chain overlaps the rest). */
+ * level of the draw whose word counter is `state` (LEVELS: one word is four levels, in memory
+ * order; the words are made in the same loop as the rest). */
 static inline __attribute__((always_inline)) void
 signed_product(enum magnitude_kind kind, const float *restrict w, const float *restrict magnitude,
                uint64_t *state, float step, float *restrict out, int64_t len, double *sums) {
@@ -69,8 +76,8 @@ signed_product(enum magnitude_kind kind, const float *restrict w, const float *r
             } else if (kind == LEVELS) {
                 /* Two words into one register, not through memory: a 16-byte load of two 8-byte
                  * stores just made stalls (no store forwarding), which doubled the time. */
-                const uint64_t first = sfc64_next(state);
-                const v8u16 k = (v8u16)(v2u64){first, sfc64_next(state)};
+                const uint64_t first = next_word(state);
+                const v8u16 k = (v8u16)(v2u64){first, next_word(state)};
                 m = __builtin_convertvector(__builtin_convertvector(k, v8i) * 2 + 1, v8f) * step;
             }
             const v8i positive = x > 0, negative = x < 0;
@@ -87,7 +94,7 @@ signed_product(enum magnitude_kind kind, const float *restrict w, const float *r
         uint16_t levels[8];
         if (kind == LEVELS && vector_end < end) { /* the last 1-7 entries: one or two more words */
             for (int64_t word = 0; word < (end - vector_end + 3) / 4; word++) {
-                const uint64_t next = sfc64_next(state);
+                const uint64_t next = next_word(state);
                 memcpy(levels + 4 * word, &next, sizeof next);
             }
         }
@@ -115,12 +122,11 @@ CLONES static void signed_levels(const float *w, uint64_t *state, float step, fl
     signed_product(LEVELS, w, NULL, state, step, out, len, sums);
 }
 
-/* B = sign(W) * magnitude over n entries, the magnitude being `magnitude` (frsf), or the levels
- * of SFC64 generators whose states `chunk_states` (4 words each) start every `chunk` entries
- * (brsf), or else 1 (usf). squared_norms = (||B||^2, ||W||^2). Returns 0, or -1 when out of
- * memory. `chunk` must be a multiple of SUB, so that a chunk's stream restarts between calls. */
+/* B = sign(W) * magnitude over n entries, the magnitude being `magnitude` (frsf), or the levels of
+ * the draw keyed `key` (brsf, when `levels` is nonzero), or else 1 (usf). squared_norms =
+ * (||B||^2, ||W||^2). Returns 0, or -1 when out of memory. */
 int fa_signed_feedback(const float *weight, float *feedback, int64_t n, const float *magnitude,
-                       const uint64_t *chunk_states, int64_t chunk, float step, double *squared_norms) {
+                       int levels, uint64_t key, float step, double *squared_norms) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     double *block_sums = calloc(2 * (size_t)(blocks ? blocks : 1), sizeof *block_sums);
     if (block_sums == NULL) return -1;
@@ -131,10 +137,7 @@ int fa_signed_feedback(const float *weight, float *feedback, int64_t n, const fl
         threads = omp_get_num_threads();
         thread = omp_get_thread_num();
 #endif
-        /* Contiguous runs of blocks, so that a thread fast-forwards a generator at most once. */
         const int64_t first = blocks * thread / threads, last = blocks * (thread + 1) / threads;
-        uint64_t state[4];
-        int64_t state_chunk = -1;
         for (int64_t b = first; b < last; b++) {
             const int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
             for (int64_t start = b * BLOCK; start < end; start += SUB) {
@@ -142,16 +145,12 @@ int fa_signed_feedback(const float *weight, float *feedback, int64_t n, const fl
                 double *sums = block_sums + 2 * b;
                 if (magnitude != NULL) {
                     signed_array(weight + start, magnitude + start, feedback + start, len, sums);
-                } else if (chunk_states == NULL) {
+                } else if (!levels) {
                     signed_ones(weight + start, feedback + start, len, sums);
                 } else {
-                    const int64_t chunk_index = start / chunk;
-                    if (chunk_index != state_chunk) { /* a new chunk, or this thread's first entry */
-                        memcpy(state, chunk_states + 4 * chunk_index, sizeof state);
-                        for (int64_t skip = (start - chunk_index * chunk) / 4; skip > 0; skip--) sfc64_next(state);
-                        state_chunk = chunk_index;
-                    }
-                    signed_levels(weight + start, state, step, feedback + start, len, sums);
+                    /* entry `start` (a multiple of 4) is the first level of word start / 4 */
+                    uint64_t counter = key + (uint64_t)(start / 4) * GAMMA;
+                    signed_levels(weight + start, &counter, step, feedback + start, len, sums);
                 }
             }
         }
@@ -163,4 +162,12 @@ int fa_signed_feedback(const float *weight, float *feedback, int64_t n, const fl
     }
     free(block_sums);
     return 0;
+}
+
+/* Words first, ..., first + count - 1 of the draw keyed `key`, on every thread. */
+void fa_random_words(uint64_t key, int64_t first, int64_t count, uint64_t *out) {
+#pragma omp parallel for schedule(static) if (count >= 2 * BLOCK)
+    for (int64_t i = 0; i < count; i++) {
+        out[i] = mix64(key + (uint64_t)(first + i + 1) * GAMMA);
+    }
 }
