@@ -165,3 +165,16 @@ def test_gpu_slots_work_for_a_second_user_of_the_node(monkeypatch):
         handle.close()
     finally:
         shutil.rmtree(parent)
+
+
+def test_processes_go_to_gpus_with_the_backend_that_takes_them():
+    from feedback_alignment.distributed import process_placement
+    assert process_placement(False, 1, 2, 0) == ("cpu", "gloo")
+    # one process per GPU: nccl; more processes than GPUs: they share (round robin) over gloo
+    assert process_placement(True, 3, 8, 8) == ("cuda:3", "nccl")
+    assert process_placement(True, 1, 2, 1) == ("cuda:0", "gloo")
+    assert process_placement(True, 3, 4, 2, "gloo") == ("cuda:1", "gloo")
+    with pytest.raises(ValueError, match="2 processes share 1 GPU.*use --dist-backend gloo"):
+        process_placement(True, 1, 2, 1, "nccl")
+    with pytest.raises(ValueError, match="--dist-backend nccl needs CUDA"):
+        process_placement(False, 0, 2, 0, "nccl")

@@ -73,7 +73,7 @@ def check_device_usable(device_name: str) -> None:
         raise ValueError(f"--device {device_name}: this process sees {torch.cuda.device_count()} GPU(s)")
 
 
-def init_world(device_name: str, batch_size: int) -> tuple[World, str]:
+def init_world(device_name: str, batch_size: int, backend: str = "auto") -> tuple[World, str]:
     """Join the process group that torchrun describes in the environment, if any; returns the
     world and the device name this rank should use."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,13 +84,33 @@ def init_world(device_name: str, batch_size: int) -> tuple[World, str]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     check_device_usable(device_name)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device_name, backend = process_placement(use_cuda, local_rank, local_size,
+                                             torch.cuda.device_count() if use_cuda else 0, backend)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device_name = f"cuda:{local_rank}"
-    elif device_name == "auto":
-        device_name = "cpu"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+        torch.cuda.set_device(torch.device(device_name))
+    dist.init_process_group(backend)
     return World(rank, size, local_rank), device_name
+
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def process_placement(use_cuda: bool, local_rank: int, local_size: int, gpus: int,
+                      backend: str = "auto") -> tuple[str, str]:
+    """(device, process-group backend) of a node's local_rank-th of local_size processes: on the
+    CPU gloo; on GPUs the GPU local_rank mod gpus, with nccl when every process has a GPU of its
+    own and gloo when processes share one (nccl refuses two ranks on one GPU)."""
+    if not use_cuda:
+        if backend == "nccl":
+            raise ValueError("--dist-backend nccl needs CUDA; on the CPU the processes use gloo")
+        return "cpu", "gloo"
+    sharing = local_size > gpus
+    if backend == "nccl" and sharing:
+        raise ValueError(f"--dist-backend nccl: {local_size} processes share {gpus} GPU(s) on this node, and "
+                         "nccl takes one process per GPU; use --dist-backend gloo")
+    chosen = backend if backend != "auto" else ("gloo" if sharing else "nccl")
+    return f"cuda:{local_rank % gpus}", chosen
 
 
 def close_world(world: World) -> None:

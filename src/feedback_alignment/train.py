@@ -36,7 +36,7 @@ from . import alignment
 from . import data as datasets
 from .mirror import mirror_layers, mirror_step
 from .convert import convert
-from .distributed import (World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
+from .distributed import (BACKENDS, World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
                           init_world)
 from .models import build_model
 from .optim import BatchManhattan
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=None, help="torch CPU threads (set this to the job's cores)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 (cuda where "
         "CUDA is not usable stops with an error, never falls back to the cpu)")
+    add("--dist-backend", default="auto", choices=BACKENDS,
+        help="process group under torchrun: auto = nccl when each process has a GPU of its own, gloo "
+             "when processes share GPUs or run on the CPU")
     add("--precision", default="auto", choices=PRECISIONS,
         help="bf16 = autocast to bfloat16; auto = bf16 on CUDA, fp32 on CPU")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -190,7 +193,7 @@ class CheckpointMismatch(ValueError):
 
 # Flags that change where or how fast a run goes, not what it computes (beyond float rounding).
 PLACEMENT_KEYS = ("out", "data", "threads", "device", "workers", "channels_last", "compile",
-                  "runs_per_gpu")
+                  "runs_per_gpu", "dist_backend")
 
 
 def semantic_config(config: dict) -> dict:
@@ -278,7 +281,7 @@ DIVERGENCE_CHECK_EVERY = 20  # steps; a check synchronizes a GPU, so not every s
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    world, device_name = init_world(args.device, args.batch_size)
+    world, device_name = init_world(args.device, args.batch_size, args.dist_backend)
     try:
         return _run(args, world, device_name)
     finally:
@@ -321,15 +324,20 @@ def _run(args, world: World, device_name: str) -> dict:
     # Built after conversion: under kp the optimizer also trains B (a Parameter there).
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
     mirrors = bool(mirror_layers(model))
-    # `model` holds the state (saved, evaluated, measured); `forward` is what the training step calls.
+    # `model` holds the state (saved, evaluated, measured); `forward` is what the training step
+    # calls; `compiled` what evaluation calls.
     compiled = torch.compile(model) if args.compile else model
-    forward = compiled
+    forward = model
     if world.distributed:
         # Buffers are not broadcast: feedback buffers are equal on every rank by construction,
         # and broadcasting 11M-value B tensors every step would cost more than the step.
         forward = torch.nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[device.index] if device.type == "cuda" else None,
+            model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
+    if args.compile:
+        # Compiled around DDP, not inside it: the compiler then splits the graph at DDP's gradient
+        # buckets, so that each bucket's all-reduce starts while the rest of the backward runs.
+        forward = torch.compile(forward) if world.distributed else compiled
     topk = reported_topk(loaders.num_classes)
     stop = StopRequest()
     out.mkdir(parents=True, exist_ok=True)  # only once the run can start: a refused one leaves nothing
