@@ -158,14 +158,3 @@ def test_random_crop_matches_hand_indexing():
     top, left = torch.tensor([0, 2]), torch.tensor([1, 0])
     crops = data._crop(images, top, left, 2)
     assert torch.equal(crops[0], images[0, :, 0:2, 1:3]) and torch.equal(crops[1], images[1, :, 2:4, 0:2])
-
-
-def test_imagenet_path_checks(tmp_path):
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.check_imagenet(tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="neither train/ and val/"):
-        data.check_imagenet(tmp_path)
-    for split in ("train", "val"):
-        for name in ("n01", "n02"):
-            (tmp_path / split / name).mkdir(parents=True)
-    assert data.check_imagenet(tmp_path)["num_classes"] == 2

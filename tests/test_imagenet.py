@@ -1,33 +1,51 @@
-"""The ImageNet path (DataLoader workers, ImageFolder) on a tiny folder made here, one and two processes."""
+"""The ImageNet path (prepare, DataLoader workers, ImageFolder) on tiny data made here: class
+folders, and the official tarballs in their real format, unpacked by torchvision's own code."""
+import hashlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
+from argparse import Namespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.io
 from PIL import Image
+
+from feedback_alignment import data
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 FLAGS = ["--dataset", "imagenet", "--arch", "convnet", "--depth", "2", "--width", "8", "--no-batch-norm",
          "--rule", "frsf", "--scale", "match", "--epochs", "2", "--batch-size", "8", "--crop", "16",
          "--lr", "0.05", "--device", "cpu", "--threads", "1", "--workers", "1", "--seed", "0"]
+WNIDS = ("n01440764", "n01443537")
+
+
+def image_bytes(generator, format="PNG"):
+    buffer = io.BytesIO()
+    Image.fromarray(generator.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def class_folders(root, train=12, val=5):
+    generator = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in WNIDS:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                (folder / f"{index}.png").write_bytes(image_bytes(generator))
+    return root
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    generator = np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 5)):
-        for label in ("n01440764", "n01443537"):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = generator.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
+    root = class_folders(tmp_path_factory.mktemp("imagenet"))
     path = root / "imagenet.json"
     subprocess.run([sys.executable, "-m", "feedback_alignment", "prepare", "--dataset", "imagenet",
-                    "--path", str(root), "--out", str(path)], check=True, timeout=120)
+                    "--path", str(root), "--val-size", "4", "--out", str(path)], check=True, timeout=120)
     return path
 
 
@@ -44,8 +62,104 @@ def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
     assert single["status"] == parallel["status"] == "completed"
     assert parallel["placement"]["world_size"] == 2 and single["num_classes"] == 2
     a, b = (pd.read_csv(tmp_path / name / "history.csv") for name in ("single", "parallel"))
-    # 24 training images, batches of 8: 3 global batches an epoch, each image once, not per rank.
-    assert list(a["images"]) == list(b["images"]) == [24, 24]
-    # Every validation error is a multiple of 1/10: the ranks' shares add up to the 10 images.
-    for errors in (a["val_error"], b["val_error"]):
-        assert all(abs(e / 10 - round(e / 10)) < 1e-9 for e in errors), list(errors)
+    # 24 training images less 4 held out, batches of 8: 2 global batches an epoch, each image
+    # once, not per rank.
+    assert list(a["images"]) == list(b["images"]) == [16, 16]
+    # Validation is the 4 held-out training images, test the 10 official validation images: every
+    # error is a multiple of 1/4 and 1/10, the ranks' shares adding up to the whole split.
+    for history in (a, b):
+        assert all(abs(e / 25 - round(e / 25)) < 1e-9 for e in history["val_error"]), list(history["val_error"])
+        assert all(abs(e / 10 - round(e / 10)) < 1e-9 for e in history["test_error"]), list(history["test_error"])
+
+
+def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(manifest):
+    from feedback_alignment.imagenet import ImageNetLoaders
+    import torch
+
+    args = Namespace(data=str(manifest), crop=16, workers=1, threads=1, batch_size=4, max_batches=None, seed=0)
+    loaders = ImageNetLoaders(args, torch.device("cpu"))
+    held_out = set(loaders.eval_sets["val"].indices)
+    trained = set(loaders.train_set.indices)
+    assert len(held_out) == 4 and len(trained) == 20 and not held_out & trained
+    assert loaders.eval_sets["val"].dataset.samples is loaders.train_set.dataset.samples  # no second scan
+    assert len(loaders.eval_sets["test"]) == 10
+    seen, used = [], []
+    for epoch in range(2):
+        seen.append(sum(len(labels) for _, labels in loaders.train(epoch)))
+        used.append(loaders._train_loader)
+    assert seen == [20, 20] and used[0] is used[1] and used[0].persistent_workers
+    assert used[0].prefetch_factor == 4 and not used[0].pin_memory  # pinned only for a GPU
+
+
+def test_imagenet_path_checks(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.prepare_imagenet(tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match="neither train/ and val/"):
+        data.prepare_imagenet(tmp_path)
+    root = class_folders(tmp_path / "folders", train=3, val=1)
+    with pytest.raises(data.DataError, match="val_size 6 must be between 0 and the 6 training images"):
+        data.prepare_imagenet(root, val_size=6)
+    (root / "val" / "n99999999").mkdir()
+    with pytest.raises(data.DataError, match="train/ and val/ hold different class folders"):
+        data.prepare_imagenet(root, val_size=2)
+
+
+def official_tarballs(root):
+    """ILSVRC2012's three files in their real layout: a devkit with meta.mat and the validation
+    ground truth, a train tar of per-class tars, a flat val tar. Returns their md5s."""
+    generator = np.random.default_rng(1)
+    root.mkdir(parents=True)
+
+    def add(archive, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+
+    synsets = np.array([(1, WNIDS[0], "tench, Tinca tinca", "a fish", 0), (2, WNIDS[1], "goldfish", "a fish", 0)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
+                              ("num_children", "O")])
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    val_labels = [1, 2, 2, 1, 2]
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as devkit:
+        add(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        add(devkit, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+            "".join(f"{label}\n" for label in val_labels).encode())
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for wnid in WNIDS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for index in range(6):
+                    add(class_tar, f"{wnid}_{index}.JPEG", image_bytes(generator, "JPEG"))
+            add(train_tar, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val_tar:
+        for index in range(len(val_labels)):
+            add(val_tar, f"ILSVRC2012_val_{index + 1:08d}.JPEG", image_bytes(generator, "JPEG"))
+    return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in data.IMAGENET_TARBALLS}
+
+
+def test_the_official_tarballs_are_unpacked_once_by_prepare(tmp_path, monkeypatch):
+    import torchvision.datasets.imagenet as torchvision_imagenet
+
+    root = tmp_path / "ilsvrc"
+    checksums = official_tarballs(root)
+    # torchvision checks each archive against ILSVRC2012's published md5; these are the test's own.
+    archives = {key: (name, checksums[name]) for key, (name, _) in torchvision_imagenet.ARCHIVE_META.items()}
+    monkeypatch.setattr(torchvision_imagenet, "ARCHIVE_META", archives)
+    manifest = data.prepare_imagenet(root, val_size=2)
+    assert manifest["num_classes"] == 2 and manifest["train_images"] == 12 and manifest["layout"] == "imagefolder"
+    # val images sorted into their classes by the devkit's ground truth (1, 2, 2, 1, 2)
+    assert sorted(p.name for p in (root / "val" / WNIDS[0]).iterdir()) == [
+        "ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000004.JPEG"]
+    assert len(list((root / "val" / WNIDS[1]).iterdir())) == 3
+    unpacked = {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")}
+    assert data.prepare_imagenet(root, val_size=2) == manifest  # a second prepare unpacks nothing
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")} == unpacked
+
+
+def test_a_tarball_with_a_wrong_checksum_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "ilsvrc"
+    official_tarballs(root)  # not ILSVRC2012's md5s
+    with pytest.raises(data.DataError, match=r"imagenet path '.*ilsvrc': .*ILSVRC2012_devkit_t12.tar.gz") as error:
+        data.prepare_imagenet(root)
+    assert "\n" not in str(error.value)

@@ -127,8 +127,11 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     path = write_config(tmp_path, config, "imagenet.yaml")
     process = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
     assert job_counts(process.stdout)["train"] == 69 and "prepare_imagenet" in process.stdout
-    # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them.
-    assert "torchrun --standalone --nproc-per-node 8 -m feedback_alignment train --threads 8 " in process.stdout
+    # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them,
+    # each with the config's DataLoader workers.
+    assert ("torchrun --standalone --nproc-per-node 8 -m feedback_alignment train --threads 8 --workers 8 "
+            in process.stdout)
+    assert f"--path {imagenet} --val-size 10000" in process.stdout  # the held-out selection split
     assert "gpu=8" in process.stdout
 
 

@@ -11,6 +11,7 @@ padding, horizontal flip), so no DataLoader workers sit in the hot path.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import shutil
 import tarfile
@@ -131,24 +132,48 @@ def prepare_cifar10(out: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def check_imagenet(path: str | Path) -> dict:
-    """Validate a user-supplied ImageNet: train/ and val/ class folders, or the official tarballs."""
+def prepare_imagenet(path: str | Path, val_size: int = 10000, split_seed: int = 0) -> dict:
+    """Check a user-supplied ImageNet and make it ready to read: class folders train/ and val/, or
+    the official tarballs, which torchvision unpacks here, once, into such folders (and its
+    meta.bin) beside them. Returns the manifest: where the folders are, the classes, and the
+    held-out slice of train that selects models (the official val is the test split)."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"imagenet path {str(root)!r} does not exist or is not a directory "
                         "(set datasets.imagenet.path)")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
-        if not classes:
-            raise DataError(f"imagenet path {str(root)!r}: train/ holds no class folders")
-        if classes != val_classes:
-            raise DataError(f"imagenet path {str(root)!r}: train/ and val/ hold different class folders")
-        return dict(layout="imagefolder", root=str(root.resolve()), num_classes=len(classes))
-    if all((root / name).is_file() for name in IMAGENET_TARBALLS):
-        return dict(layout="tarballs", root=str(root.resolve()), num_classes=1000)
-    raise DataError(f"imagenet path {str(root)!r} holds neither train/ and val/ folders nor "
-                    f"the tarballs {', '.join(IMAGENET_TARBALLS)}")
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        if not all((root / name).is_file() for name in IMAGENET_TARBALLS):
+            raise DataError(f"imagenet path {str(root)!r} holds neither train/ and val/ folders nor "
+                            f"the tarballs {', '.join(IMAGENET_TARBALLS)}")
+        _unpack_imagenet(root)
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"imagenet path {str(root)!r}: train/ holds no class folders")
+    if classes != val_classes:
+        raise DataError(f"imagenet path {str(root)!r}: train/ and val/ hold different class folders")
+    from torchvision.datasets import ImageFolder
+
+    train_images = len(ImageFolder(root / "train").samples)
+    if not 0 < val_size < train_images:
+        raise DataError(f"imagenet: val_size {val_size} must be between 0 and the {train_images} training images")
+    return dict(layout="imagefolder", root=str(root.resolve()), num_classes=len(classes),
+                train_images=train_images, val_size=val_size, split_seed=split_seed)
+
+
+def _unpack_imagenet(root: Path) -> None:
+    """torchvision's own unpacking of the official tarballs (checksums, devkit, val labels),
+    into root/train and root/val; done in the prepare step so that no training job unpacks."""
+    from torchvision.datasets import ImageNet
+
+    if not os.access(root, os.W_OK):
+        raise DataError(f"imagenet path {str(root)!r}: the tarballs are unpacked beside them, and this "
+                        "folder is not writable")
+    try:
+        for split in ("train", "val"):
+            ImageNet(str(root), split=split)
+    except RuntimeError as error:  # a checksum that does not match
+        raise DataError(f"imagenet path {str(root)!r}: {error}") from None
 
 
 # -- serving ------------------------------------------------------------------------------

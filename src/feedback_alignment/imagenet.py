@@ -1,23 +1,43 @@
 """ImageNet batches through DataLoader workers (too large to keep on the device).
 
 Training: RandomResizedCrop + horizontal flip; evaluation: resize to 8/7 of the crop, center crop
-(the PyTorch ImageNet example, as used by Xiao et al.). ImageNet's test labels are not public:
-the official validation set serves as both the model-selection and the reported split, as in
-the peers.
+(the PyTorch ImageNet example, as used by Xiao et al.). ImageNet's test labels are not public, so
+models are selected on a held-out slice of the training images (the manifest's val_size, a fixed
+split seed) and the official validation set is the reported test split: each is evaluated once
+per epoch.
+
+The workers stay alive from epoch to epoch (persistent), prefetch batches ahead of the step, and
+on a GPU hand them over in pinned memory, so that the copy to the device runs beside the step.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import datasets, transforms
 
-from .data import epoch_seed
+from .data import DataError, epoch_seed
 from .distributed import World
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PREFETCH_BATCHES = 4  # per worker
+
+
+class _Order(Sampler):
+    """The images of the current epoch's remaining batches, in order; set before each epoch, so
+    that one DataLoader (and its persistent workers) serves every epoch."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
 
 
 class ImageNetLoaders:
@@ -35,30 +55,58 @@ class ImageNetLoaders:
             transforms.Resize(round(self.image_size * 8 / 7)), transforms.CenterCrop(self.image_size),
             transforms.ToTensor(), normalize])
         root = Path(manifest["root"])
-        if manifest["layout"] == "imagefolder":
-            self.train_set = datasets.ImageFolder(root / "train", train_transform)
-            self.val_set = datasets.ImageFolder(root / "val", eval_transform)
-        else:
-            self.train_set = datasets.ImageNet(root, "train", transform=train_transform)
-            self.val_set = datasets.ImageNet(root, "val", transform=eval_transform)
+        every_train_image = datasets.ImageFolder(root / "train", train_transform)
+        if len(every_train_image) != manifest["train_images"]:
+            raise DataError(f"imagenet {str(root)!r}: train/ holds {len(every_train_image)} images, "
+                            f"{manifest['train_images']} when it was prepared; prepare it again")
+        generator = torch.Generator().manual_seed(int(manifest["split_seed"]))
+        order = torch.randperm(len(every_train_image), generator=generator)
+        held_out = sorted(order[:manifest["val_size"]].tolist())
+        self.train_set = Subset(every_train_image, sorted(order[manifest["val_size"]:].tolist()))
+        # The held-out images through the evaluation transform: the same file list, not a rescan.
+        evaluated_train = copy.copy(every_train_image)
+        evaluated_train.transform = eval_transform
+        self.eval_sets = {"val": Subset(evaluated_train, held_out),
+                          "test": datasets.ImageFolder(root / "val", eval_transform)}
         self.workers = args.workers if args.workers is not None else (args.threads or 4)
+        self._order = _Order()
+        self._train_loader: DataLoader | None = None
+        self._eval_loaders: dict[str, DataLoader] = {}
+
+    def _loader(self, dataset, batch_size: int, sampler=None, drop_last=False) -> DataLoader:
+        workers = self.workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, prefetch_factor=PREFETCH_BATCHES if workers else None)
+
+    def _to_device(self, batches):
+        for images, labels in batches:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train(self, epoch, state=None):
         return _ImageNetEpoch(self, epoch, state)
 
     def eval(self, split):
-        # Under data parallelism each rank takes every world_size-th image.
-        images = Subset(self.val_set, range(self.world.rank, len(self.val_set), self.world.size))
-        loader = DataLoader(images, batch_size=self.args.batch_size, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
-        for index, (images, labels) in enumerate(loader):
+        if split not in self._eval_loaders:
+            # Under data parallelism each rank takes every world_size-th image.
+            dataset = self.eval_sets[split]
+            share = Subset(dataset, range(self.world.rank, len(dataset), self.world.size))
+            self._eval_loaders[split] = self._loader(share, self.args.batch_size)
+        for index, batch in enumerate(self._to_device(self._eval_loaders[split])):
             if self.args.max_batches is not None and index >= self.args.max_batches:
                 return
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield batch
+
+    def train_loader(self, indices: list[int], batch_size: int) -> DataLoader:
+        """The one training DataLoader, now serving `indices` (positions in train_set)."""
+        self._order.indices = indices
+        if self._train_loader is None:
+            self._train_loader = self._loader(self.train_set, batch_size, sampler=self._order, drop_last=True)
+        return self._train_loader
 
     def probe_batch(self, size):
-        """A fixed batch (the first validation images) for the alignment measurements."""
-        loader = DataLoader(self.val_set, batch_size=size, num_workers=0)
+        """A fixed batch (the first held-out images) for the alignment measurements."""
+        loader = DataLoader(self.eval_sets["val"], batch_size=size, num_workers=0)
         images, labels = next(iter(loader))
         return images.to(self.device), labels.to(self.device)
 
@@ -84,14 +132,10 @@ class _ImageNetEpoch:
         count = loaders.train_batches_per_epoch()
         share = loaders.world.share(batch_size)
         remaining = self.order[self.next * batch_size:count * batch_size].view(-1, batch_size)
-        remaining = remaining[:, share].flatten().tolist()
-        loader = DataLoader(loaders.train_set, batch_size=share.stop - share.start, sampler=remaining,
-                            drop_last=True,
-                            num_workers=loaders.workers, pin_memory=loaders.device.type == "cuda")
-        for images, labels in loader:
+        loader = loaders.train_loader(remaining[:, share].flatten().tolist(), share.stop - share.start)
+        for batch in loaders._to_device(loader):
             self.next += 1
-            yield (images.to(loaders.device, non_blocking=True),
-                   labels.to(loaders.device, non_blocking=True))
+            yield batch
 
     def state_dict(self) -> dict:
         return dict(next=self.next)

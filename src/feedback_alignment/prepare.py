@@ -1,4 +1,5 @@
-"""Prepare a dataset once: digits and cifar10 into a uint8 tensor cache, imagenet checked in place.
+"""Prepare a dataset once: digits and cifar10 into a uint8 tensor cache; imagenet checked in place
+(its official tarballs unpacked there, once) and described by a manifest.
 
     python -m feedback_alignment prepare --dataset cifar10 --out resources/data/cifar10.pt
     python -m feedback_alignment prepare --dataset imagenet --path /data/imagenet --out resources/data/imagenet.json
@@ -34,7 +35,8 @@ def main(argv=None):
         else:
             if not args.path:
                 raise data.DataError("imagenet needs --path (datasets.imagenet.path in the config)")
-            write_json(out, data.check_imagenet(args.path))
+            write_json(out, data.prepare_imagenet(args.path, val_size=args.val_size or 10000,
+                                                  split_seed=args.split_seed))
     except data.DataError as error:
         sys.exit(f"prepare: {error}")
 

@@ -189,10 +189,12 @@ def train_flags(wildcards):
 def launcher(gpus: int, threads: int) -> str:
     """How a training job starts: one process, or one per GPU through torchrun (data parallel;
     the CLI reads its rank from torchrun's environment), the job's threads split among them."""
+    workers = f" --workers {RESOURCES['workers']}" if "workers" in RESOURCES else ""
     if gpus <= 1:
-        return f"python -m feedback_alignment train --threads {threads} --runs-per-gpu {RESOURCES['runs_per_gpu']}"
+        return (f"python -m feedback_alignment train --threads {threads} --runs-per-gpu "
+                f"{RESOURCES['runs_per_gpu']}{workers}")
     return (f"torchrun --standalone --nproc-per-node {gpus} -m feedback_alignment train "
-            f"--threads {max(1, threads // gpus)}")
+            f"--threads {max(1, threads // gpus)}{workers}")
 
 
 def prepare_flags(wildcards):
@@ -200,7 +202,7 @@ def prepare_flags(wildcards):
     if wildcards.dataset == "cifar10":
         return f"--url {settings['url']} --md5 {settings['md5']} --val-size {settings['val_size']}"
     if wildcards.dataset == "imagenet":
-        return f"--path {settings['path']}"
+        return f"--path {settings['path']} --val-size {settings['val_size']}"
     return f"--val-size {settings['val_size']}"
 
 
