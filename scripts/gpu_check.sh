@@ -52,14 +52,14 @@ print("## CUDA tests\n\n" + tests[-1] + "\n")
 probe = load("probe.json")
 print("## Probe\n\n```\n" + json.dumps(probe, indent=1) + "\n```\n")
 print("## Step time against plain backprop\n")
-rows = load("bench.json")
-if isinstance(rows, list):
+rows = load("bench.json").get("rows")
+if rows:
     print("| model | dtype | variant | ratio | images/s |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.get('model')} | {row.get('dtype')} | {row.get('variant')} | {row.get('ratio', float('nan')):.3f} "
               f"| {row.get('images_per_s', float('nan')):.0f} |")
 else:
-    print(rows)
+    print(load("bench.json"))
 print("\n## ResNet-20 through the train CLI (brsf, match, bf16, batch 128, one epoch)\n")
 for name in ("one", "two", "two_compiled"):
     result = load(f"train_{name}/result.json")

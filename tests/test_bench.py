@@ -20,8 +20,22 @@ def test_bench_times_every_variant_in_copies_and_writes_ratios(tmp_path, capsys)
 
 
 def test_bench_refuses_no_copies_or_no_rounds_in_one_line(capsys):
-    for option in ("--copies", "--rounds"):
+    for option in ("--copies", "--rounds", "--steps-per-sample"):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--models", "resnet20", option, "0"])
         assert exit_info.value.code == 2
         assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_sample_times_several_steps_between_two_synchronizations(monkeypatch, capsys):
+    calls = []
+    make_step = bench._make_step
+
+    def counted(*args):
+        step = make_step(*args)
+        return lambda: (calls.append(1), step())
+    monkeypatch.setattr(bench, "_make_step", counted)
+    rows = bench.bench_model("resnet20", ["fa"], "match", rounds=2, warmup=1, batch_size=2,
+                             device=bench.torch.device("cpu"), copies=1, steps_per_sample=3)
+    # plain, plain2 and fa, one copy each: (1 warmup + 2 timed) samples of 3 steps
+    assert len(calls) == 3 * 3 * 3 and len(rows) == 3

@@ -8,9 +8,9 @@ fresh random order each round, so machine load drifts and position effects hit t
 ratio is the median over rounds of (variant step time / plain step time in the same round);
 "plain2", a second unconverted variant, measures the noise floor of that ratio. Every variant
 runs as --copies model copies whose times are averaged per round (placement in memory alone
-makes one copy a steady percent or two faster than another). On a GPU the
-step is timed between synchronizations, in the channels_last layout unless --no-channels-last,
-and images/s is the training throughput of one process.
+makes one copy a steady percent or two faster than another). On a GPU ten steps are timed
+together between two synchronizations (--steps-per-sample), in the channels_last layout unless
+--no-channels-last, and images/s is the training throughput of one process.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _sync(device):
 
 def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,
                 device: torch.device, dtype: str = "fp32", channels_last: bool = False,
-                compile_model: bool = False, copies: int = 2) -> list[dict]:
+                compile_model: bool = False, copies: int = 2, steps_per_sample: int = 1) -> list[dict]:
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(arch, num_classes=10, in_channels=3, image_size=32)
@@ -82,10 +82,11 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
                 step = steps[name, index]
                 _sync(device)
                 start = time.perf_counter()
-                step()
+                for _ in range(steps_per_sample):  # queued back to back: no wait between them
+                    step()
                 _sync(device)
                 if round_index >= warmup:
-                    times[name][index].append(time.perf_counter() - start)
+                    times[name][index].append((time.perf_counter() - start) / steps_per_sample)
     per_round = {name: [statistics.fmean(round_times) for round_times in zip(*copy_times)]
                  for name, copy_times in times.items()}
 
@@ -114,26 +115,32 @@ def main(argv=None):
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last layout (default: on CUDA only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--steps-per-sample", type=int, default=None,
+                        help="steps timed together between two synchronizations (default: 10 on CUDA, "
+                             "where a step only queues work, so that the device never waits for the "
+                             "host between them; 1 on the CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    for option in ("rounds", "copies"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
+    for option in ("rounds", "copies", "steps_per_sample"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    steps_per_sample = args.steps_per_sample or (10 if device.type == "cuda" else 1)
     print(f"# torch {torch.__version__}, {device} ({name}), {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, scale={args.scale}, {args.rounds} rounds x {args.copies} copies, "
-          f"channels_last={channels_last}, compile={args.compile}")
+          f"channels_last={channels_last}, compile={args.compile}, {steps_per_sample} step(s) per sample")
     rows = []
     for dtype in args.dtype:
         for arch in args.models:
             rows += bench_model(arch, args.rules, args.scale, args.rounds, args.warmup,
                                 args.batch_size, device, dtype, channels_last, args.compile,
-                                args.copies)
+                                args.copies, steps_per_sample)
             print(f"\n{arch} ({dtype})\n{'variant':>8} {'median ms':>10} {'ratio':>7} {'img/s':>9}")
             for row in rows:
                 if row["model"] == arch and row["dtype"] == dtype:
