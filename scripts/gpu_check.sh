@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the GPU targets need, measured in one go on one GPU (at most 9 minutes; each part
+# Everything the GPU targets need, measured in one go on one GPU (at most 8 minutes; each part
 # has its own time limit, so one that hangs costs only its share):
 #   bash scripts/gpu_check.sh            # writes into $OUT (default: gpu-check/)
 # 1. the CUDA tests: gradients, bf16 + channels_last, the same B as on the CPU for every rule, no
@@ -19,10 +19,10 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
 
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+timeout 140 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
 tail -3 "$OUT/test_cuda.txt"
 timeout 60 $PY scripts/gpu_probe.py "$OUT" > "$OUT/probe.txt" 2>&1
-timeout 100 $PY -m feedback_alignment.bench --device cuda --dtype fp32 bf16 --rounds 10 \
+timeout 90 $PY -m feedback_alignment.bench --device cuda --dtype fp32 bf16 --rounds 10 \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 
 train() {  # train OUT_NAME SECONDS EXTRA_FLAGS LAUNCHER...: one epoch of ResNet-20, synthetic data
@@ -32,9 +32,9 @@ train() {  # train OUT_NAME SECONDS EXTRA_FLAGS LAUNCHER...: one epoch of ResNet
       --device cuda --seed 0 $extra > "$OUT/train_$name.txt" 2>&1
 }
 TORCHRUN2="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
-train one 60 "" $PY
-train two 60 "--dist-backend gloo" $TORCHRUN2
-train two_compiled 90 "--dist-backend gloo --compile" $TORCHRUN2  # compiled around DDP
+train one 50 "" $PY
+train two 50 "--dist-backend gloo" $TORCHRUN2
+train two_compiled 80 "--dist-backend gloo --compile" $TORCHRUN2  # compiled around DDP
 
 $PY - "$OUT" > "$OUT/summary.md" 2>&1 <<'EOF'
 import json, sys

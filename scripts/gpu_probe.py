@@ -90,11 +90,11 @@ def synthetic_cifar10(path: Path) -> None:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    synthetic_cifar10(out / "synthetic_cifar10.pt")  # first: the train CLI runs need it
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, lanes=lanes(), wm=mirror_angle(),
                   steps={rule: per_step_counts(rule) for rule in fa.RULES})
     (out / "probe.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    synthetic_cifar10(out / "synthetic_cifar10.pt")
 
 
 if __name__ == "__main__":
