@@ -1,6 +1,7 @@
 """Direct feedback alignment, Kolen-Pollack and weight mirrors, against hand-computed references."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -236,3 +237,54 @@ def test_mirror_step_ignores_other_rules():
 def test_learned_rules_take_no_feedback_scale(rule):
     with pytest.raises(ValueError, match=f"rule '{rule}' takes scale 'none', not 'init': its B is learned"):
         fa.convert(mlp(), rule=rule, scale="init")
+
+
+def test_weight_mirrors_take_their_options_through_convert_and_run_between_steps():
+    # fa.after_step(model, step) runs the rule's between-step work with the options given to
+    # convert: a mirror phase every `every` steps with lr, decay and batch, exactly as calling
+    # mirror_step by hand with them.
+    torch.manual_seed(0)
+    hooked = fa.convert(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), rule="wm", seed=0,
+                        lr=0.2, decay=0.1, batch=8, every=2)
+    torch.manual_seed(0)
+    by_hand = fa.convert(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), rule="wm", seed=0)
+    assert hooked[0].rule_options == {"lr": 0.2, "decay": 0.1, "batch": 8, "every": 2}
+    for step in range(1, 7):
+        fa.after_step(hooked, step)
+        if step % 2 == 0:
+            fa.mirror.mirror_step(by_hand, lr=0.2, decay=0.1, batch_size=8)
+        for a, b in zip(hooked.modules(), by_hand.modules()):
+            if isinstance(a, fa.FeedbackLayer):
+                assert torch.equal(a.feedback_direction, b.feedback_direction), step
+    assert int(hooked[0].feedback_draws) == 1 + 3  # the initial draw, then steps 2, 4, 6
+
+
+@pytest.mark.parametrize("rule", fa.RULES)
+def test_every_rules_between_step_work_leaves_a_model_without_it_alone(rule):
+    torch.manual_seed(0)
+    model = fa.convert(mlp(), rule=rule, seed=0)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    fa.after_step(model, 1)
+    changed = [key for key, value in model.state_dict().items() if not torch.equal(value, state[key])]
+    if fa.get_rule(rule).after_step is None:
+        assert changed == []
+    else:
+        assert changed and all("feedback" in key for key in changed), changed  # B, never W
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rate=0.1), "rule 'wm' has no option 'rate'; it takes lr, decay, batch, every"),
+    (dict(batch=2.5), "rule 'wm' option 'batch' takes an integer, not 2.5"),
+    (dict(batch="many"), "rule 'wm' option 'batch' takes an integer, not 'many'"),
+    (dict(decay=1.5), "rule 'wm' option 'decay' must be between 0.0 and 1.0, not 1.5"),
+    (dict(every=0), "rule 'wm' option 'every' must be at least 1, not 0"),
+    (dict(lr=True), "rule 'wm' option 'lr' takes a number, not True"),
+])
+def test_rule_options_are_checked_by_name_type_and_range(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fa.convert(mlp(), rule="wm", **options)
+
+
+def test_a_rule_without_options_says_so():
+    with pytest.raises(ValueError, match="rule 'fa' has no option 'lr'; it takes no options"):
+        fa.convert(mlp(), rule="fa", lr=0.1)

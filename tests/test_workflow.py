@@ -100,6 +100,8 @@ def test_tiny_study_end_to_end(tmp_path):
     (lambda c: c["archs"]["net"].update(arch="nonet"), "archs.net with variants.exact on digits"),
     (lambda c: c.update(seeds="0"), "seeds"),
     (lambda c: c["grid"][1]["rules"].append("kp"), "grid[1]"),  # kp with the matched variant
+    (lambda c: c["variants"]["raw"].update(rule_options={"lr": 0.1}), "variants.raw.rule_options"),  # usf: none
+    (lambda c: c["variants"]["raw"].update(rule_options={"lr": "fast"}), "variants.raw.rule_options.lr"),
     (lambda c: c["resources"].update(runs_per_gpu=0) if "resources" in c else c.update(
         resources={"runs_per_gpu": 0}), "resources.runs_per_gpu"),
 ])
@@ -110,6 +112,19 @@ def test_schema_rejects_bad_config_naming_the_key(tmp_path, edit, key):
     process = snakemake(tmp_path, "-n", check=False)
     assert process.returncode != 0
     assert f"config key {key}:" in process.stdout + process.stderr
+
+
+def test_a_variants_rule_options_reach_the_train_cli(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["variants"]["mirrored"] = {"rule_options": {"lr": 0.2, "every": 2}}
+    config["grid"] = [{"datasets": ["digits"], "archs": ["net"], "rules": ["wm"], "variants": ["mirrored", "raw"]}]
+    write_config(tmp_path, config)
+    process = snakemake(tmp_path, "-n", "-p")
+    commands = [line for line in process.stdout.splitlines() if "feedback_alignment train" in line]
+    assert len(commands) == 4
+    for command in commands:
+        for option in ("--rule-option lr=0.2 ", "--rule-option every=2 "):
+            assert (option in command) == ("--variant mirrored" in command), command
 
 
 def test_shipped_configs_plan(tmp_path):

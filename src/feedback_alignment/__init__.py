@@ -2,15 +2,16 @@
 
     import feedback_alignment as fa
     model = fa.convert(model, rule="frsf", scale="match", seed=0)
+    ... after each optimizer step: fa.after_step(model, step)   (the rule's between-step work, if any)
 """
 from . import alignment, mirror, optim
-from .convert import convert, feedback_layers
+from .convert import after_step, convert, feedback_layers
 from .attention import FeedbackMultiheadAttention
 from .layers import (FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackConvTranspose1d,
                      FeedbackConvTranspose2d, FeedbackConvTranspose3d, FeedbackLayer, FeedbackLinear)
 from .rules import RULES, SCALES, get_rule
 
-__all__ = ["alignment", "mirror", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
+__all__ = ["after_step", "alignment", "mirror", "RULES", "SCALES", "convert", "feedback_layers", "get_rule", "optim",
            "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d", "FeedbackConvTranspose1d",
            "FeedbackConvTranspose2d", "FeedbackConvTranspose3d", "FeedbackLayer", "FeedbackLinear",
            "FeedbackMultiheadAttention"]

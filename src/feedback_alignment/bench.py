@@ -25,8 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .convert import convert
-from .mirror import mirror_layers, mirror_step
+from .convert import after_step, convert
 from .models import build_model
 from .rules import RULES, SCALES, get_rule
 
@@ -34,14 +33,15 @@ from .rules import RULES, SCALES, get_rule
 def _make_step(model, images, labels, compile_model: bool):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     forward = torch.compile(model) if compile_model else model
-    mirrors = bool(mirror_layers(model))
+    steps = 0
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(forward(images), labels).backward()
         optimizer.step()
-        if mirrors:  # wm's mirror phase is part of its training step
-            mirror_step(model)
+        nonlocal steps
+        steps += 1
+        after_step(model, steps)  # the rule's between-step work is part of its step (wm's mirror phase)
     return step
 
 

@@ -29,7 +29,7 @@ def _converts_attention(module: nn.Module, rule_signal: str) -> bool:
 
 
 def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
-            exclude: Iterable[str] = (), constrain_weight_norm: bool = False) -> nn.Module:
+            exclude: Iterable[str] = (), constrain_weight_norm: bool = False, **options) -> nn.Module:
     """Replace every weight layer of `model` (except those under a name in `exclude`) by one that
     sends the error back through feedback of the given rule, in place.
 
@@ -47,10 +47,13 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     optimizer after conversion; dfa adds hooks on `model` that read the error of its output). A
     forward pre-hook on `model` brings every layer's B up to date before each forward that records
     gradients. On the meta device the random draws wait until the tensors are materialized.
-    Returns `model` (or the new layer, if `model` itself is a weight layer).
+    `options` are the rule's own settings (`fa.get_rule(rule).options`; weight mirrors: lr, decay,
+    batch, every), used by its work between steps: call `fa.after_step(model, step)` after each
+    optimizer step. Returns `model` (or the new layer, if `model` itself is a weight layer).
     """
     rule_spec = get_rule(rule)
     check_scale(scale, rule_spec)
+    options = rule_spec.resolve_options(options)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     named = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in named}
@@ -92,6 +95,7 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
             converted[id(module)] = layer
             for feedback in _feedback_modules(layer):
                 feedback._shared_warnings = shared_warnings
+                feedback.rule_options = options
                 if source is not None:
                     feedback.direct_source = source
         if name == "":
@@ -109,6 +113,16 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
         _watch_optimizers_for_coupled_weight_decay()
     _warn_about_exact_modules(model, exclude)
     return model
+
+
+def after_step(model: nn.Module, step: int) -> None:
+    """The rule's work between training steps (weight mirrors: the mirror phase), after the
+    optimizer's step number `step` (counted from 1); nothing for rules without such work."""
+    layers = feedback_layers(model)
+    if layers:
+        layer = layers[0][1]
+        if layer.rule.after_step is not None:
+            layer.rule.after_step(model, step, layer.rule_options)
 
 
 def _feedback_modules(layer: nn.Module) -> list[FeedbackLayer]:

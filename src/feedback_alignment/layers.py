@@ -75,6 +75,7 @@ class FeedbackLayer:
                         constrain_weight_norm: bool) -> None:
         self.rule = get_rule(rule)
         self.scale = check_scale(scale, self.rule)
+        self.rule_options = self.rule.resolve_options({})  # convert sets the model's own
         self.seed = int(seed)
         self.layer_name = name
         self.constrain_weight_norm = bool(constrain_weight_norm)

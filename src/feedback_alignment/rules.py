@@ -1,8 +1,11 @@
-"""The learning rules: each is a name and a small function that writes the feedback weight B.
+"""The learning rules: each is one record saying how it writes the feedback weight B (or how B
+learns), which options it takes, and what it does between training steps.
 
 The forward pass and the weight update are the same for every rule; a rule only says which
-matrix carries the error backwards in place of W. Adding a rule means adding one `Rule` to
-`_REGISTRY` below, nothing else.
+matrix carries the error backwards in place of W. Adding a rule, options included, means adding
+one `Rule` to `_REGISTRY` below (and a module of its own if its work is large, as mirror.py),
+nothing else: the training CLI (`--rule-option KEY=VALUE`), the workflow
+(`variants.<name>.rule_options`), the bench and the tests take it from here.
 """
 from __future__ import annotations
 
@@ -15,6 +18,34 @@ from torch import Tensor
 
 from . import native
 from .native import SquaredNorms
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of a rule: its default (whose type, int or float, is the option's), its bounds
+    (inclusive) and what it means."""
+    name: str
+    default: int | float
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, rule: str, value) -> int | float:
+        """`value` (a number, or its text from the command line) as the option's type, in bounds."""
+        kind = type(self.default)
+        try:
+            number = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != kind(number):
+            wanted = "an integer" if kind is int else "a number"
+            raise ValueError(f"rule {rule!r} option {self.name!r} takes {wanted}, not {value!r}")
+        number = kind(number)
+        if self.minimum is not None and number < self.minimum or self.maximum is not None and number > self.maximum:
+            bounds = (f"between {self.minimum} and {self.maximum}" if self.maximum is not None
+                      else f"at least {self.minimum}")
+            raise ValueError(f"rule {rule!r} option {self.name!r} must be {bounds}, not {number}")
+        return number
 
 
 # How a rule uses randomness:
@@ -51,6 +82,20 @@ class Rule:
     # from noise sent through the layer between training steps (weight mirrors, mirror.py).
     learning: str | None = None
     description: str = ""
+    # The rule's own settings; `convert(model, rule, **options)` checks and stores them.
+    options: tuple[Option, ...] = ()
+    # Work between training steps, after the optimizer's step number `step` (from 1):
+    # after_step(model, step, options). Weight mirrors run their mirror phase here.
+    after_step: Callable[..., None] | None = None
+
+    def resolve_options(self, given: dict) -> dict:
+        """Every option's value: `given` (checked: names and values) over the defaults."""
+        known = {option.name: option for option in self.options}
+        for name in given:
+            if name not in known:
+                takes = f"takes {', '.join(known)}" if known else "takes no options"
+                raise ValueError(f"rule {self.name!r} has no option {name!r}; it {takes}")
+        return {name: option.check(self.name, given.get(name, option.default)) for name, option in known.items()}
 
     @property
     def scalable(self) -> bool:
@@ -91,6 +136,13 @@ def _fixed_random_sign(weights, feedbacks, draw, bounds, magnitudes) -> list[Squ
     return _signed(weights, feedbacks, magnitudes)
 
 
+def _mirror_phase(model, step: int, options: dict) -> None:
+    from .mirror import mirror_step  # mirror.py works on converted models: imported when used
+
+    if step % options["every"] == 0:
+        mirror_step(model, options["lr"], options["decay"], options["batch"])
+
+
 _REGISTRY: dict[str, Rule] = {
     rule.name: rule
     for rule in (
@@ -118,7 +170,13 @@ _REGISTRY: dict[str, Rule] = {
         Rule("wm", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
              learning="mirror",
              description="weight mirrors: B starts random and learns W from noise in a mirror "
-                         "phase (Akrout et al. 2019)"),
+                         "phase (Akrout et al. 2019)",
+             options=(Option("lr", 0.05, "B <- (1 - decay) B + lr W_hat per mirror phase", minimum=0.0),
+                      Option("decay", 0.05, "see lr", minimum=0.0, maximum=1.0),
+                      Option("batch", 16, "noise images per layer per mirror phase (64 positions each; "
+                                          "linear layers get as many noise vectors as that makes)", minimum=1),
+                      Option("every", 1, "training steps between mirror phases", minimum=1)),
+             after_step=_mirror_phase),
     )
 }
 

@@ -34,14 +34,13 @@ from tqdm import tqdm
 
 from . import alignment
 from . import data as datasets
-from .mirror import mirror_layers, mirror_step
-from .convert import convert
+from .convert import after_step, convert
 from .distributed import (BACKENDS, World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
                           init_world)
 from .models import build_model
 from .optim import BatchManhattan
 from .provenance import git_sha, provenance, torch_save, write_csv, write_json
-from .rules import RULES, SCALES
+from .rules import RULES, SCALES, get_rule
 
 OPTIMIZERS = ("sgd", "batch_manhattan", "adam")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -96,12 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="every N steps (and before the first), log per-layer alignment with backprop on a "
              "fixed validation batch to alignment.csv; 0 = never")
     add("--alignment-batch", type=int, default=128, help="images in the alignment probe batch")
-    add("--mirror-lr", type=float, default=0.05, help="wm: B <- (1 - decay) B + lr W_hat per mirror phase")
-    add("--mirror-decay", type=float, default=0.05, help="wm: see --mirror-lr")
-    add("--mirror-batch", type=int, default=16,
-        help="wm: noise images per layer per mirror phase (64 positions each; linear layers get "
-             "as many noise vectors as that makes)")
-    add("--mirror-every", type=int, default=1, help="wm: training steps between mirror phases")
+    add("--rule-option", action="append", default=[], metavar="KEY=VALUE",
+        help="one of the rule's own settings (repeat for several): " + "; ".join(
+            f"{rule}: " + ", ".join(f"{o.name} (default {o.default}: {o.help})" for o in get_rule(rule).options)
+            for rule in RULES if get_rule(rule).options))
     add("--workers", type=int, default=None, help="imagenet DataLoader workers (default: threads)")
     return p
 
@@ -144,7 +141,19 @@ def build_run_model(config: dict, num_classes: int, in_channels: int, image_size
     model = build_model(config["arch"], num_classes, in_channels, image_size,
                         config["batch_norm"], config["depth"], config["width"])
     return convert(model, rule=config["rule"], scale=config["scale"], seed=config["seed"],
-                   exclude=tuple(config["exclude"]), constrain_weight_norm=config["constrain_weight_norm"])
+                   exclude=tuple(config["exclude"]), constrain_weight_norm=config["constrain_weight_norm"],
+                   **config.get("rule_options", {}))
+
+
+def parse_rule_options(rule: str, pairs: list[str]) -> dict:
+    """--rule-option KEY=VALUE pairs as the rule's checked options, defaults filled in."""
+    given = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--rule-option {pair!r}: write KEY=VALUE")
+        given[key] = value
+    return get_rule(rule).resolve_options(given)
 
 
 def reported_topk(num_classes: int) -> tuple[int, ...]:
@@ -308,8 +317,9 @@ def _run(args, world: World, device_name: str) -> dict:
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = Path(args.out)
-    config = {key: value for key, value in vars(args).items() if key != "command"}
+    config = {key: value for key, value in vars(args).items() if key not in ("command", "rule_option")}
     config["arch_label"] = args.arch_label or args.arch
+    config["rule_options"] = parse_rule_options(args.rule, args.rule_option)
     loaders = make_loaders(args, device, world)
     per_epoch = loaders.train_batches_per_epoch()
     if per_epoch == 0:
@@ -323,7 +333,6 @@ def _run(args, world: World, device_name: str) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Built after conversion: under kp the optimizer also trains B (a Parameter there).
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
-    mirrors = bool(mirror_layers(model))
     # `model` holds the state (saved, evaluated, measured); `forward` is what the training step
     # calls; `compiled` what evaluation calls.
     compiled = torch.compile(model) if args.compile else model
@@ -409,8 +418,7 @@ def _run(args, world: World, device_name: str) -> dict:
                 loss.backward()
                 optimizer.step()
                 state["step"] += 1
-                if mirrors and state["step"] % args.mirror_every == 0:  # wm: B learns from noise
-                    mirror_step(model, args.mirror_lr, args.mirror_decay, args.mirror_batch)
+                after_step(model, state["step"])  # the rule's work between steps (wm: its mirror phase)
                 sums["loss"] += loss.detach().float() * labels.shape[0]
                 # Where the loss first went non-finite, recorded on the device without a sync.
                 sums["first_bad_step"] = torch.where(

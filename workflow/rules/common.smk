@@ -68,13 +68,17 @@ def _check_names(config):
         if scale not in feedback_alignment.SCALES:
             _config_error(f"variants.{name}.scale", f"unknown scale {scale!r}; choose from "
                           f"{', '.join(feedback_alignment.SCALES)}")
-    for index, block in enumerate(config["grid"]):  # rules that take no feedback scale
+    for index, block in enumerate(config["grid"]):  # a variant's scale and rule options, per rule
         for rule_name, variant in itertools.product(block["rules"], block["variants"]):
+            rule_spec = feedback_alignment.get_rule(rule_name)  # ("rule" is a Snakemake keyword)
             try:
-                feedback_alignment.rules.check_scale(config["variants"][variant].get("scale", "none"),
-                                                     feedback_alignment.get_rule(rule_name))
+                feedback_alignment.rules.check_scale(config["variants"][variant].get("scale", "none"), rule_spec)
             except ValueError as error:
                 _config_error(f"grid[{index}]", f"variant {variant!r}: {error}")
+            try:
+                rule_spec.resolve_options(config["variants"][variant].get("rule_options", {}))
+            except ValueError as error:
+                _config_error(f"variants.{variant}.rule_options", f"in grid[{index}]: {error}")
     if "imagenet" in config["datasets"]:
         path = config["datasets"]["imagenet"]["path"]
         if not os.path.isdir(path):
@@ -149,7 +153,7 @@ def resolve_settings(dataset_name, arch_name, variant_name):
         batch_norm=variant.get("batch_norm", arch.get("batch_norm", True)),
         scale=variant.get("scale", "none"), exclude=variant.get("exclude", []),
         constrain_weight_norm=variant.get("constrain_weight_norm", False),
-        **training, **augment)
+        rule_options=variant.get("rule_options", {}), **training, **augment)
 
 
 def train_flags(wildcards):
@@ -172,9 +176,7 @@ def train_flags(wildcards):
         flags.append("--exclude " + " ".join(s["exclude"]))
     if s.get("alignment_every"):
         flags.append(f"--alignment-every {s['alignment_every']}")
-    if wildcards.learning_rule == "wm":
-        flags.append(f"--mirror-lr {s['mirror_lr']} --mirror-decay {s['mirror_decay']} "
-                     f"--mirror-batch {s['mirror_batch']} --mirror-every {s['mirror_every']}")
+    flags += [f"--rule-option {key}={value}" for key, value in s["rule_options"].items()]
     if s.get("max_batches"):
         flags.append(f"--max-batches {s['max_batches']}")
     if "crop" in s:
