@@ -32,6 +32,7 @@ def repo() -> Path:
 # rules that take the feedback scale techniques (not learned B, not dfa).
 LAYER_RULES = tuple(r for r in fa.RULES if fa.get_rule(r).signal == "layer")
 SCALABLE_RULES = tuple(r for r in fa.RULES if fa.get_rule(r).scalable)
+FEEDBACK_RULES = tuple(r for r in fa.RULES if fa.get_rule(r).write_feedback is not None)  # every rule but bp
 
 
 def scale_for(rule: str, wanted: str = "match") -> str:

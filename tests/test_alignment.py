@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import feedback_alignment as fa
-from conftest import scale_for
+from conftest import FEEDBACK_RULES, scale_for
 from feedback_alignment.models import build_model
 
 
@@ -36,7 +36,7 @@ def test_bp_angles_are_zero_and_norms_equal():
     assert torch.allclose(torch.tensor(frame.grad_norm.values), torch.tensor(frame.grad_norm_bp.values))
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf", "dfa", "kp", "wm"])
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_output_layer_update_is_exact_under_every_rule(rule):
     model = fa.convert(mlp(), rule=rule, scale=scale_for(rule))
     frame = fa.alignment.measure(model, *toy_batch())

@@ -12,7 +12,7 @@ import torch
 
 from feedback_alignment import data
 from feedback_alignment.distributed import World, claim_gpu_slot
-from conftest import scale_for
+from conftest import FEEDBACK_RULES, scale_for
 
 FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
          "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
@@ -98,7 +98,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf", "dfa", "kp", "wm"])
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_feedback_weights_are_identical_on_every_rank(rule, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)

@@ -271,7 +271,7 @@ class EpochBatches:
         self.data, self.batch_size, self.generator, self.share = data, batch_size, generator, share
         self.crop, self.pad, self.flip = crop, pad, flip
         n = data.splits["train"][1].shape[0]
-        self.count = n // batch_size  # drop the ragged last batch, as the peers' loaders do
+        self.count = n // batch_size  # drop the ragged last batch: every step sees a full batch
         if max_batches is not None:
             self.count = min(self.count, max_batches)
         if state is None:

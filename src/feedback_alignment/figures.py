@@ -30,8 +30,10 @@ import pandas as pd  # noqa: E402
 from .provenance import save_figure  # noqa: E402
 from .rules import RULES  # noqa: E402
 
-RULE_COLORS = {"bp": "black", "fa": "tab:red", "usf": "tab:blue", "brsf": "tab:green",
-               "frsf": "tab:purple", "dfa": "tab:orange", "kp": "tab:brown", "wm": "tab:pink"}
+# One colour per rule, in the registry's order: a rule added to rules.py gets the next one.
+PALETTE = ("black", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal", "maroon", "lime")
+RULE_COLORS = dict(zip(RULES, PALETTE))
 
 
 def _rule_order(rules) -> list[str]:

@@ -38,9 +38,8 @@ from .rules import Rule, check_scale, default_init_bound, get_rule
 
 
 def frobenius_norm(tensor: Tensor) -> Tensor:
-    """||tensor||_F. A BLAS dot product of a dense tensor with itself is about twice as fast on a
-    CPU as torch.linalg.vector_norm, and on large weights no less accurate; it runs per layer per
-    step under scale="match"."""
+    """||tensor||_F, as a BLAS dot product of a dense tensor with itself (the norms taken at
+    conversion: the weight-norm target, a fixed direction's norm)."""
     if tensor.is_contiguous() and tensor.dtype in (torch.float32, torch.float64):
         flat = tensor.view(-1)
         return torch.dot(flat, flat).sqrt()

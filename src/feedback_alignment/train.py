@@ -157,7 +157,8 @@ def parse_rule_options(rule: str, pairs: list[str]) -> dict:
 
 
 def reported_topk(num_classes: int) -> tuple[int, ...]:
-    """Top-1 always; top-5 too where there are more than 10 classes (ImageNet), as the peers report."""
+    """Top-1 always; top-5 too where there are more than 10 classes (ImageNet, where published
+    results report both)."""
     return (1, 5) if num_classes > 10 else (1,)
 
 
