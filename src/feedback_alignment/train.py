@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import alignment
+from . import alignment, settings
 from . import data as datasets
 from .convert import after_step, convert
 from .distributed import (BACKENDS, World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
@@ -42,8 +42,6 @@ from .optim import BatchManhattan
 from .provenance import git_sha, provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES, get_rule
 
-OPTIMIZERS = ("sgd", "batch_manhattan", "adam")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,14 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scale", default="none", choices=SCALES, help="feedback scale technique")
     add("--constrain-weight-norm", action=argparse.BooleanOptionalAction, default=False)
     add("--exclude", nargs="*", default=[], help="module names kept on exact backprop")
-    add("--optimizer", default="sgd", choices=OPTIMIZERS)
-    add("--lr", type=float, default=0.1)
-    add("--momentum", type=float, default=0.9)
-    add("--weight-decay", type=float, default=0.0)
-    add("--lr-milestones", type=int, nargs="*", default=[], help="epochs at which lr *= lr-gamma")
-    add("--lr-gamma", type=float, default=0.1)
-    add("--epochs", type=int, default=10)
-    add("--batch-size", type=int, default=128)
+    settings.add_arguments(p)  # epochs, batch size, optimizer, schedule, precision, ... (settings.py)
     add("--crop", type=int, default=None, help="training crop size (default: image size)")
     add("--pad", type=int, default=0, help="zero padding before random crops")
     add("--flip", action=argparse.BooleanOptionalAction, default=False)
@@ -81,19 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist-backend", default="auto", choices=BACKENDS,
         help="process group under torchrun: auto = nccl when each process has a GPU of its own, gloo "
              "when processes share GPUs or run on the CPU")
-    add("--precision", default="auto", choices=PRECISIONS,
-        help="bf16 = autocast to bfloat16; auto = bf16 on CUDA, fp32 on CPU")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels_last memory layout (default: on CUDA only)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.compile the converted model")
     add("--runs-per-gpu", type=int, default=1,
         help="on a machine with GPUs, how many runs may share one: --device auto/cuda takes a free "
              "GPU slot, waiting while all are taken")
-    add("--max-batches", type=int, default=None, help="smoke mode: stop each epoch after this many")
-    add("--alignment-every", type=int, default=0,
-        help="every N steps (and before the first), log per-layer alignment with backprop on a "
-             "fixed validation batch to alignment.csv; 0 = never")
     add("--alignment-batch", type=int, default=128, help="images in the alignment probe batch")
     add("--rule-option", action="append", default=[], metavar="KEY=VALUE",
         help="one of the rule's own settings (repeat for several): " + "; ".join(

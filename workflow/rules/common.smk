@@ -9,6 +9,7 @@ import yaml
 from snakemake.utils import validate
 
 import feedback_alignment
+import feedback_alignment.settings
 
 # Jobs run `python -m feedback_alignment ...` with the interpreter that runs Snakemake, also
 # when Snakemake was started as .venv/bin/snakemake without activating the environment.
@@ -35,8 +36,7 @@ def _check_schema(config):
 _check_schema(config)
 validate(config, str(SCHEMA))  # fills in the schema's defaults
 
-TRAINING_DEFAULTS = {k: v["default"] for k, v in
-                     yaml.safe_load(SCHEMA.read_text())["$defs"]["training"]["properties"].items()}
+TRAINING_DEFAULTS = feedback_alignment.settings.defaults()
 RESOURCES = {"threads": 1, "gpus": 0, "runs_per_gpu": 1, "mem_mb": 4000, "runtime": 60,
              **config.get("resources", {})}
 # A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
@@ -164,21 +164,10 @@ def train_flags(wildcards):
              "--batch-norm" if s["batch_norm"] else "--no-batch-norm",
              f"--scale {s['scale']}",
              "--constrain-weight-norm" if s["constrain_weight_norm"] else "--no-constrain-weight-norm",
-             f"--optimizer {s['optimizer']}", f"--lr {s['lr']}", f"--momentum {s['momentum']}",
-             f"--weight-decay {s['weight_decay']}", f"--lr-gamma {s['lr_gamma']}",
-             f"--epochs {s['epochs']}", f"--batch-size {s['batch_size']}",
-             f"--precision {s['precision']}"]
-    if s["compile"]:
-        flags.append("--compile")
-    if s["lr_milestones"]:
-        flags.append("--lr-milestones " + " ".join(map(str, s["lr_milestones"])))
+             *feedback_alignment.settings.cli_flags(s)]
     if s["exclude"]:
         flags.append("--exclude " + " ".join(s["exclude"]))
-    if s.get("alignment_every"):
-        flags.append(f"--alignment-every {s['alignment_every']}")
     flags += [f"--rule-option {key}={value}" for key, value in s["rule_options"].items()]
-    if s.get("max_batches"):
-        flags.append(f"--max-batches {s['max_batches']}")
     if "crop" in s:
         flags.append(f"--crop {s['crop']}")
     if s.get("pad"):
