@@ -21,7 +21,7 @@ rule summarize:
 
 rule figures:
     input:
-        rules.summarize.output,
+        **rules.summarize.output,
     output:
         curves=report(RESULTS + "/figures/test_error_curves.png",
                       caption="../report/test_error_curves.rst", category="Figures"),
@@ -38,5 +38,5 @@ rule figures:
     log:
         "logs/" + EXPERIMENT + "/figures.log",
     shell:
-        "python -m feedback_alignment figures --results $(dirname {input[0]}) "
+        "python -m feedback_alignment figures --results $(dirname {input.summary}) "
         "--out $(dirname {output.curves}) > {log} 2>&1"
