@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import tarfile
-from argparse import Namespace
 
 import numpy as np
 import pandas as pd
@@ -76,8 +75,8 @@ def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(m
     from feedback_alignment.imagenet import ImageNetLoaders
     import torch
 
-    args = Namespace(data=str(manifest), crop=16, workers=1, threads=1, batch_size=4, max_batches=None, seed=0)
-    loaders = ImageNetLoaders(args, torch.device("cpu"))
+    config = dict(data=str(manifest), crop=16, workers=1, threads=1, batch_size=4, max_batches=None, seed=0)
+    loaders = ImageNetLoaders(config, torch.device("cpu"))
     held_out = set(loaders.eval_sets["val"].indices)
     trained = set(loaders.train_set.indices)
     assert len(held_out) == 4 and len(trained) == 20 and not held_out & trained

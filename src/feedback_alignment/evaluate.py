@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from .provenance import provenance, write_json
-from .train import (build_run_model, evaluate, make_loaders, reported_topk, resolve_device,
-                    resolve_precision)
+from .runs import build_run_model, evaluate, make_loaders, reported_topk, resolve_device, resolve_precision
 
 
 def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None = None,
@@ -38,8 +37,7 @@ def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None =
                       num_classes=result["num_classes"], config=config)
     best = run_dir / "best.pt"
     if result["best_epoch"] is not None and best.is_file():
-        args = argparse.Namespace(**{**config, "data": data or config["data"], "device": str(device)})
-        loaders = make_loaders(args, device)
+        loaders = make_loaders({**config, "data": data or config["data"]}, device)
         model = build_run_model(config, result["num_classes"], result["in_channels"],
                                 result["image_size"]).to(device)
         model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])

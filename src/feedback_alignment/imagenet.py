@@ -41,12 +41,12 @@ class _Order(Sampler):
 
 
 class ImageNetLoaders:
-    def __init__(self, args, device: torch.device, world: World = World()):
-        manifest = json.loads(Path(args.data).read_text())
-        self.args, self.device, self.world = args, device, world
+    def __init__(self, config: dict, device: torch.device, world: World = World()):
+        manifest = json.loads(Path(config["data"]).read_text())
+        self.config, self.device, self.world = config, device, world
         self.num_classes = int(manifest["num_classes"])
         self.in_channels = 3
-        self.image_size = args.crop or 224
+        self.image_size = config["crop"] or 224
         normalize = transforms.Normalize(MEAN, STD)
         train_transform = transforms.Compose([
             transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
@@ -68,7 +68,8 @@ class ImageNetLoaders:
         evaluated_train.transform = eval_transform
         self.eval_sets = {"val": Subset(evaluated_train, held_out),
                           "test": datasets.ImageFolder(root / "val", eval_transform)}
-        self.workers = args.workers if args.workers is not None else (args.threads or 4)
+        workers = config.get("workers")
+        self.workers = workers if workers is not None else (config.get("threads") or 4)
         self._order = _Order()
         self._train_loader: DataLoader | None = None
         self._eval_loaders: dict[str, DataLoader] = {}
@@ -91,9 +92,9 @@ class ImageNetLoaders:
             # Under data parallelism each rank takes every world_size-th image.
             dataset = self.eval_sets[split]
             share = Subset(dataset, range(self.world.rank, len(dataset), self.world.size))
-            self._eval_loaders[split] = self._loader(share, self.args.batch_size)
+            self._eval_loaders[split] = self._loader(share, self.config["batch_size"])
         for index, batch in enumerate(self._to_device(self._eval_loaders[split])):
-            if self.args.max_batches is not None and index >= self.args.max_batches:
+            if self.config["max_batches"] is not None and index >= self.config["max_batches"]:
                 return
             yield batch
 
@@ -111,8 +112,8 @@ class ImageNetLoaders:
         return images.to(self.device), labels.to(self.device)
 
     def train_batches_per_epoch(self):
-        n = len(self.train_set) // self.args.batch_size
-        return min(n, self.args.max_batches or n)
+        n = len(self.train_set) // self.config["batch_size"]
+        return min(n, self.config["max_batches"] or n)
 
 
 class _ImageNetEpoch:
@@ -123,12 +124,12 @@ class _ImageNetEpoch:
 
     def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
         self.loaders = loaders
-        generator = torch.Generator().manual_seed(epoch_seed(loaders.args.seed, epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(loaders.config["seed"], epoch))
         self.order = torch.randperm(len(loaders.train_set), generator=generator)
         self.next = int(state["next"]) if state else 0
 
     def __iter__(self):
-        loaders, batch_size = self.loaders, self.loaders.args.batch_size
+        loaders, batch_size = self.loaders, self.loaders.config["batch_size"]
         count = loaders.train_batches_per_epoch()
         share = loaders.world.share(batch_size)
         remaining = self.order[self.next * batch_size:count * batch_size].view(-1, batch_size)

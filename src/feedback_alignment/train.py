@@ -20,7 +20,6 @@ parallel (see distributed.py): the same results as one process with the same --b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import signal
 import sys
@@ -34,14 +33,12 @@ from tqdm import tqdm
 
 from . import alignment, settings
 from . import data as datasets
-from .convert import after_step, convert
-from .distributed import (BACKENDS, World, check_device_usable, claim_gpu_slot, close_world, cuda_device_ids,
-                          init_world)
-from .models import build_model
+from .convert import after_step
+from .distributed import BACKENDS, World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .optim import BatchManhattan
 from .provenance import git_sha, provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES, get_rule
-
+from .runs import autocast, build_run_model, evaluate, make_loaders, reported_topk, resolve_device, resolve_precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,41 +88,12 @@ def lr_at(epoch: int, base_lr: float, milestones, gamma: float) -> float:
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device_usable(name)
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def build_optimizer(name, parameters, lr, momentum, weight_decay):
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "batch_manhattan":
         return BatchManhattan(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-
-
-def build_run_model(config: dict, num_classes: int, in_channels: int, image_size: int):
-    """The converted model of a run, initialized from the run's seed (shared with evaluate)."""
-    torch.manual_seed(config["seed"])
-    model = build_model(config["arch"], num_classes, in_channels, image_size,
-                        config["batch_norm"], config["depth"], config["width"])
-    return convert(model, rule=config["rule"], scale=config["scale"], seed=config["seed"],
-                   exclude=tuple(config["exclude"]), constrain_weight_norm=config["constrain_weight_norm"],
-                   **config.get("rule_options", {}))
 
 
 def parse_rule_options(rule: str, pairs: list[str]) -> dict:
@@ -137,35 +105,6 @@ def parse_rule_options(rule: str, pairs: list[str]) -> dict:
             raise ValueError(f"--rule-option {pair!r}: write KEY=VALUE")
         given[key] = value
     return get_rule(rule).resolve_options(given)
-
-
-def reported_topk(num_classes: int) -> tuple[int, ...]:
-    """Top-1 always; top-5 too where there are more than 10 classes (ImageNet, where published
-    results report both)."""
-    return (1, 5) if num_classes > 10 else (1,)
-
-
-def accuracy_counts(logits, labels, topk=(1,)):
-    """Number of correct predictions within the top k, for each k."""
-    top = logits.topk(max(topk), dim=1).indices
-    hits = top.eq(labels[:, None])
-    return [int(hits[:, :k].any(dim=1).sum()) for k in topk]
-
-
-@torch.no_grad()
-def evaluate(model, loader, topk=(1,), world: World = World(), device=None, precision="fp32"):
-    """Top-k error (%) and mean loss of `model` over `loader` (this rank's share of it; the
-    counts are summed over ranks)."""
-    model.eval()
-    correct, total, loss_sum = [0] * len(topk), 0, 0.0
-    for images, labels in loader:
-        with autocast(precision, images.device):
-            logits = model(images)
-        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        correct = [c + n for c, n in zip(correct, accuracy_counts(logits, labels, topk))]
-        total += labels.shape[0]
-    *correct, total, loss_sum = world.sum([*correct, total, loss_sum], device)
-    return [100.0 * (1 - c / total) for c in correct], loss_sum / total
 
 
 class StopRequest:
@@ -228,44 +167,6 @@ def set_rng_states(states: dict, device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-class Loaders:
-    """Training and evaluation batches for tensor datasets (digits, cifar10) on the device."""
-
-    def __init__(self, args, device, world: World = World()):
-        self.data = datasets.load_tensor_data(args.data, device)
-        self.args, self.device, self.world = args, device, world
-        self.num_classes = self.data.num_classes
-        self.in_channels = self.data.in_channels
-        self.image_size = args.crop or self.data.image_size
-        if self.image_size > self.data.image_size + 2 * args.pad:
-            raise datasets.DataError(f"--crop {args.crop} is larger than the padded {args.dataset} images")
-
-    def train(self, epoch, state=None):
-        generator = torch.Generator(device=self.device).manual_seed(datasets.epoch_seed(self.args.seed, epoch))
-        return datasets.EpochBatches(self.data, self.args.batch_size, generator, self.image_size,
-                                     self.args.pad, self.args.flip, self.args.max_batches, state,
-                                     share=self.world.share(self.args.batch_size))
-
-    def eval(self, split):
-        return datasets.batches(self.data, split, self.args.batch_size * 2, self.image_size,
-                                self.args.max_batches, rank=self.world.rank, world_size=self.world.size)
-
-    def train_batches_per_epoch(self):
-        n = self.data.splits["train"][1].shape[0] // self.args.batch_size
-        return min(n, self.args.max_batches or n)
-
-    def probe_batch(self, size):
-        """A fixed batch (the first validation images) for the alignment measurements."""
-        return next(datasets.batches(self.data, "val", size, self.image_size))
-
-
-def make_loaders(args, device, world: World = World()):
-    if args.dataset in datasets.TENSOR_DATASETS:
-        return Loaders(args, device, world)
-    from .imagenet import ImageNetLoaders
-    return ImageNetLoaders(args, device, world)
-
-
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr",
                    "images", "seconds", "images_per_s"]
 DIVERGENCE_CHECK_EVERY = 20  # steps; a check synchronizes a GPU, so not every step
@@ -304,7 +205,7 @@ def _run(args, world: World, device_name: str) -> dict:
     config = {key: value for key, value in vars(args).items() if key not in ("command", "rule_option")}
     config["arch_label"] = args.arch_label or args.arch
     config["rule_options"] = parse_rule_options(args.rule, args.rule_option)
-    loaders = make_loaders(args, device, world)
+    loaders = make_loaders(config, device, world)
     per_epoch = loaders.train_batches_per_epoch()
     if per_epoch == 0:
         raise ValueError(f"no training batch: the {args.dataset} training split is smaller than "
