@@ -86,10 +86,11 @@ def draw_keys(layer_keys: Tensor, draws: Tensor) -> Tensor:
     return mix64_((draws + 1) * as_int64(GAMMA) + layer_keys)
 
 
-def torch_words(key: int, count: int, device: torch.device, first: int = 0) -> Tensor:
-    """Words first, ..., first + count - 1 of the draw keyed `key`, in torch operations."""
+def torch_words(key: int | Tensor, count: int, device: torch.device, first: int = 0) -> Tensor:
+    """Words first, ..., first + count - 1 of the draw keyed `key`, in torch operations; `key` may
+    be a one-entry int64 tensor on `device` (a key computed there)."""
     counters = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
-    return mix64_(counters.mul_(as_int64(GAMMA)).add_(as_int64(key)))
+    return mix64_(counters.mul_(as_int64(GAMMA)).add_(key if isinstance(key, Tensor) else as_int64(key)))
 
 
 def words(key: int, count: int, device: torch.device, first: int = 0) -> Tensor:
@@ -155,8 +156,7 @@ def fast_uniform_(tensor: Tensor, low: float, high: float, key: int) -> Tensor:
 def levels_of_keys(key: Tensor, count: int, dtype: torch.dtype) -> Tensor:
     """The first `count` 16-bit levels of the draw whose key is the one-entry int64 tensor `key`,
     as a flat `dtype` tensor (StreamPlan.levels for a single draw, traceable by torch.compile)."""
-    counters = torch.arange(1, (count + 3) // 4 + 1, dtype=torch.int64, device=key.device)
-    return mix64_(counters.mul_(as_int64(GAMMA)).add_(key)).view(torch.uint16)[:count].to(dtype)
+    return torch_words(key, (count + 3) // 4, key.device).view(torch.uint16)[:count].to(dtype)
 
 
 class StreamPlan:
@@ -165,7 +165,6 @@ class StreamPlan:
     Made once per set of layers (and device); the keys change every step, the plan does not."""
 
     def __init__(self, sizes: list[int], device: torch.device):
-        self.sizes = list(sizes)
         word_counts = [(size + 3) // 4 for size in sizes]
         counts = torch.tensor(word_counts, dtype=torch.int64)
         segment = torch.repeat_interleave(torch.arange(len(sizes)), counts)

@@ -168,10 +168,7 @@ class FeedbackLayer:
         """Fill `tensor` with the layer's next draw from U(low, high) and return it. Draws made
         before every step (brsf's magnitudes, wm's mirror noise: per_step) take the cheap 16-bit
         levels; draws made once keep full precision. By default the rule's randomness says which."""
-        draw = self.host_draw_count()
-        key = draws.draw_key(self.stream_key, draw)
-        self._draw_count = draw + 1
-        self.feedback_draws.add_(1)
+        key = refresh.next_host_keys([self])[0]
         if per_step is None:
             per_step = self.rule.randomness == "every_step"
         return (draws.fast_uniform_ if per_step else draws.uniform_)(tensor, low, high, key)

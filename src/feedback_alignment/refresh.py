@@ -60,9 +60,10 @@ class LayerDraws:
             return None
         steps = [high / (1 << (draws.FAST_BITS + 1)) for high in highs]
         if all(native.takes(tensor, sign_of) for tensor, sign_of in zip(tensors, signs_of)):
+            keys = next_host_keys(self.layers)
             return [native.signed_feedback_(tensor, sign_of, key=key, step=step)
-                    for tensor, sign_of, key, step in zip(tensors, signs_of, self._next_host_keys(), steps)]
-        keys = self._next_device_keys()
+                    for tensor, sign_of, key, step in zip(tensors, signs_of, keys, steps)]
+        keys = next_device_keys(self.layers)
         if len(tensors) == 1:  # no plan needed (and none to look up under torch.compile)
             magnitudes = [draws.levels_of_keys(keys, tensors[0].numel(), tensors[0].dtype)]
         else:
@@ -78,26 +79,29 @@ class LayerDraws:
         torch._foreach_mul_(tensors, shaped)
         return None
 
-    def _next_host_keys(self) -> list[int]:
-        """The draws' keys from the counters' host copies; advances every counter."""
-        keys = [draws.draw_key(layer.stream_key, layer.host_draw_count()) for layer in self.layers]
-        self._advance()
-        return keys
+def next_host_keys(layers: list) -> list[int]:
+    """The keys of the layers' next draws, from the counters' host copies; advances every counter."""
+    keys = [draws.draw_key(layer.stream_key, layer.host_draw_count()) for layer in layers]
+    _advance(layers)
+    return keys
 
-    def _next_device_keys(self) -> Tensor:
-        """The draws' keys computed where the counters are (no host read); advances them."""
-        keys = draws.draw_keys(torch.stack([layer.feedback_stream_key for layer in self.layers]),
-                               torch.stack([layer.feedback_draws for layer in self.layers]))
-        self._advance()
-        return keys
 
-    def _advance(self) -> None:
-        compiling = torch.compiler.is_compiling()
-        for layer in self.layers:
-            # A compiled graph cannot keep a host count (it would be a constant of the graph):
-            # the buffer alone advances there, and the host count is read back when next needed.
-            layer._draw_count = None if compiling else layer.host_draw_count() + 1
-        torch._foreach_add_([layer.feedback_draws for layer in self.layers], 1)
+def next_device_keys(layers: list) -> Tensor:
+    """The keys of the layers' next draws, computed where the counters are (no host read);
+    advances them."""
+    keys = draws.draw_keys(torch.stack([layer.feedback_stream_key for layer in layers]),
+                           torch.stack([layer.feedback_draws for layer in layers]))
+    _advance(layers)
+    return keys
+
+
+def _advance(layers: list) -> None:
+    compiling = torch.compiler.is_compiling()
+    for layer in layers:
+        # A compiled graph cannot keep a host count (it would be a constant of the graph): the
+        # buffer alone advances there, and the host count is read back when next needed.
+        layer._draw_count = None if compiling else layer.host_draw_count() + 1
+    torch._foreach_add_([layer.feedback_draws for layer in layers], 1)
 
 
 @torch.no_grad()
