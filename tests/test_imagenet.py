@@ -162,3 +162,14 @@ def test_a_tarball_with_a_wrong_checksum_is_refused_in_one_line(tmp_path):
     with pytest.raises(data.DataError, match=r"imagenet path '.*ilsvrc': .*ILSVRC2012_devkit_t12.tar.gz") as error:
         data.prepare_imagenet(root)
     assert "\n" not in str(error.value)
+
+
+def test_tarballs_in_a_folder_that_cannot_be_written_are_refused_in_one_line(tmp_path, monkeypatch):
+    root = tmp_path / "ilsvrc"
+    official_tarballs(root)
+    # (the tests run as root, who may write anywhere: the folder's permission is asked of os.access)
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)
+    with pytest.raises(data.DataError, match=r"'.*ilsvrc': the tarballs are unpacked beside them, and this "
+                                             r"folder is not writable"):
+        data.prepare_imagenet(root)
+    assert not (root / "train").exists() and not (root / "meta.bin").exists()  # nothing unpacked
