@@ -19,6 +19,6 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        RESULTS + "/summary.csv",
+        f"{RESULTS}/summary.csv",
         rules.figures.output,
     default_target: True

@@ -23,6 +23,19 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600)
     return process
 
 
+# A study small enough to train in seconds: two blocks (bp; usf raw and matched), two seeds.
+TINY = dict(
+    experiment="tiny",
+    datasets={"digits": {}},
+    archs={"net": {"arch": "convnet", "depth": 2, "width": 4}},
+    training={"epochs": 2, "batch_size": 32, "lr": 0.05, "max_batches": 3, "alignment_every": 2},
+    variants={"exact": {}, "raw": {"scale": "none"}, "matched": {"scale": "match"}},
+    grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["bp"], "variants": ["exact"]},
+          {"datasets": ["digits"], "archs": ["net"], "rules": ["usf"], "variants": ["raw", "matched"]}],
+    seeds=[0, 1],
+)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -7,7 +7,7 @@ import yaml
 from feedback_alignment import settings
 from feedback_alignment.train import build_parser
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[1] / "src" / "feedback_alignment" / "resources" / "config.schema.yaml"
 REQUIRED = ["--dataset", "digits", "--data", "d.pt", "--out", "o", "--arch", "convnet", "--rule", "fa"]
 
 

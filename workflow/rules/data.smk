@@ -5,13 +5,15 @@ localrules: prepare_data
 
 rule prepare_data:
     output:
-        DATA_DIR + "/{dataset}.pt",
+        f"{DATA_DIR}/{{dataset}}.pt",
     params:
         flags=prepare_flags,
     log:
         "logs/prepare/{dataset}.log",
     wildcard_constraints:
         dataset="digits|cifar10",
+    conda:
+        "../envs/feedback-alignment.yaml"
     shell:
         "python -m feedback_alignment prepare --dataset {wildcards.dataset} --out {output} "
         "{params.flags} > {log} 2>&1"
@@ -19,7 +21,7 @@ rule prepare_data:
 
 use rule prepare_data as prepare_imagenet with:
     output:
-        DATA_DIR + "/{dataset}.json",
+        f"{DATA_DIR}/{{dataset}}.json",
     wildcard_constraints:
         dataset="imagenet",
 

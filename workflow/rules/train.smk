@@ -2,7 +2,7 @@
 # checkpoint.pt and best.pt are written beside the declared outputs but not declared: Snakemake
 # deletes the declared outputs of a failed or preempted job, and the rerun resumes from the
 # checkpoint. evaluate reads best.pt, which exists whenever result.json does.
-RUN = RESULTS + "/runs/{dataset}/{arch}/{learning_rule}-{variant}/seed{seed}"
+RUN = STUDY.run_dir(Run("{dataset}", "{arch}", "{learning_rule}", "{variant}", "{seed}"))
 
 
 wildcard_constraints:
@@ -14,13 +14,13 @@ wildcard_constraints:
 
 rule train:
     input:
-        data=lambda wc: data_file(wc.dataset),
+        data=data_file,
     output:
-        result=RUN + "/result.json",
-        history=RUN + "/history.csv",
+        result=f"{RUN}/result.json",
+        history=f"{RUN}/history.csv",
     params:
         flags=train_flags,
-        launcher=launcher(RESOURCES["gpus"], RESOURCES["threads"]),
+        launcher=STUDY.launcher(),
         device=RESOURCES["device"],
     threads: RESOURCES["threads"]
     resources:
@@ -31,7 +31,9 @@ rule train:
         gpu_model=RESOURCES.get("gpu_model", "") if RESOURCES["gpus"] > 0 else "",
         nodes=1,  # torchrun --standalone runs all of a job's processes on one node
     log:
-        RUN + "/train.log",
+        f"{RUN}/train.log",
+    conda:
+        "../envs/feedback-alignment.yaml"
     shell:
         "{params.launcher} --dataset {wildcards.dataset} --data {input.data} "
         "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} "
@@ -40,10 +42,10 @@ rule train:
 
 rule evaluate:
     input:
-        result=RUN + "/result.json",
-        data=lambda wc: data_file(wc.dataset),
+        result=f"{RUN}/result.json",
+        data=data_file,
     output:
-        RUN + "/evaluation.json",
+        f"{RUN}/evaluation.json",
     params:
         # One pass over the test set from best.pt: seconds of a GPU, not worth holding one.
         device="cpu",
@@ -52,7 +54,9 @@ rule evaluate:
         mem_mb=RESOURCES["mem_mb"],
         runtime=max(5, RESOURCES["runtime"] // 10),
     log:
-        RUN + "/evaluate.log",
+        f"{RUN}/evaluate.log",
+    conda:
+        "../envs/feedback-alignment.yaml"
     shell:
         "python -m feedback_alignment evaluate --run $(dirname {output}) --data {input.data} "
         "--device {params.device} --threads {threads} > {log} 2>&1"

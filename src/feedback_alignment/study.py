@@ -1,0 +1,216 @@
+"""A study: its config checked, its grid of runs, and each run's path, settings and command line.
+
+A study config (config/*.yaml, the schema in resources/config.schema.yaml) names datasets,
+architectures, technique variants and a grid of blocks; every block trains the product of its
+lists for every seed. The workflow's rules ask a `Study` for everything they need; all of it
+works, and is tested, without Snakemake.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from . import settings
+from .rules import RULES, SCALES, check_scale, get_rule
+
+SCHEMA_PATH = Path(__file__).parent / "resources" / "config.schema.yaml"
+IMAGE_SIZES = {"digits": (1, 8), "cifar10": (3, 32)}  # (channels, side); imagenet is resized
+
+
+class ConfigError(ValueError):
+    """A study that cannot run, found before any job starts; the message names the config key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key {key}: {message}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid."""
+    dataset: str
+    arch: str
+    rule: str
+    variant: str
+    seed: int
+
+
+class Study:
+    """A checked study config. `check_models` builds every (dataset, arch, variant) model on the
+    meta device to find combinations that cannot run (no memory, no time)."""
+
+    def __init__(self, config: dict, check_models: bool = True):
+        schema = yaml.safe_load(SCHEMA_PATH.read_text())
+        config = copy.deepcopy(config)
+        _check_schema(config, schema)
+        _fill_defaults(config, schema)
+        _check_names(config)
+        self.config = config
+        self.experiment: str = config["experiment"]
+        self.results = f"results/{self.experiment}"
+        self.data_dir: str = config["data_dir"]
+        self.resources = dict(config["resources"])
+        # A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
+        self.resources.setdefault("device", "cuda" if self.resources["gpus"] > 0 else "cpu")
+        self.runs = _grid(config)
+        if check_models:
+            self._check_models()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, check_models: bool = True) -> "Study":
+        return cls(yaml.safe_load(Path(path).read_text()), check_models)
+
+    def run_dir(self, run: Run) -> str:
+        return f"{self.results}/runs/{run.dataset}/{run.arch}/{run.rule}-{run.variant}/seed{run.seed}"
+
+    def evaluations(self) -> list[str]:
+        return [f"{self.run_dir(run)}/evaluation.json" for run in self.runs]
+
+    def data_file(self, dataset: str) -> str:
+        # ImageNet stays in its folder; the prepare step writes a description of its splits.
+        return f"{self.data_dir}/{dataset}.json" if dataset == "imagenet" else f"{self.data_dir}/{dataset}.pt"
+
+    def settings(self, dataset: str, arch: str, variant: str) -> dict:
+        """The resolved settings of a run: declared defaults < training < arch < variant."""
+        arch_config = self.config["archs"][arch]
+        variant_config = self.config["variants"][variant]
+        training = {**settings.defaults(), **self.config["training"], **arch_config.get("training", {})}
+        training.update({key: variant_config[key] for key in ("optimizer", "lr") if key in variant_config})
+        augment = {**self.config["datasets"][dataset].get("augment", {}), **arch_config.get("augment", {})}
+        return dict(
+            arch=arch_config["arch"], depth=arch_config.get("depth", 8), width=arch_config.get("width", 32),
+            batch_norm=variant_config.get("batch_norm", arch_config.get("batch_norm", True)),
+            scale=variant_config.get("scale", "none"), exclude=variant_config.get("exclude", []),
+            constrain_weight_norm=variant_config.get("constrain_weight_norm", False),
+            rule_options=variant_config.get("rule_options", {}), **training, **augment)
+
+    def train_flags(self, dataset: str, arch: str, variant: str) -> str:
+        """The train CLI's flags for a run, spelled out so the log shows the exact command."""
+        s = self.settings(dataset, arch, variant)
+        flags = [f"--arch {s['arch']}", f"--arch-label {arch}", f"--variant {variant}",
+                 f"--depth {s['depth']}", f"--width {s['width']}",
+                 "--batch-norm" if s["batch_norm"] else "--no-batch-norm",
+                 f"--scale {s['scale']}",
+                 "--constrain-weight-norm" if s["constrain_weight_norm"] else "--no-constrain-weight-norm",
+                 *settings.cli_flags(s)]
+        if s["exclude"]:
+            flags.append("--exclude " + " ".join(s["exclude"]))
+        flags += [f"--rule-option {key}={value}" for key, value in s["rule_options"].items()]
+        if "crop" in s:
+            flags.append(f"--crop {s['crop']}")
+        if s.get("pad"):
+            flags.append(f"--pad {s['pad']}")
+        if s.get("flip"):
+            flags.append("--flip")
+        return " ".join(flags)
+
+    def launcher(self) -> str:
+        """How a training job starts: one process, or one per GPU through torchrun (data parallel;
+        the CLI reads its rank from torchrun's environment), the job's threads split among them."""
+        gpus, threads = self.resources["gpus"], self.resources["threads"]
+        workers = f" --workers {self.resources['workers']}" if "workers" in self.resources else ""
+        if gpus <= 1:
+            return (f"python -m feedback_alignment train --threads {threads} --runs-per-gpu "
+                    f"{self.resources['runs_per_gpu']}{workers}")
+        return (f"torchrun --standalone --nproc-per-node {gpus} -m feedback_alignment train "
+                f"--threads {max(1, threads // gpus)}{workers}")
+
+    def prepare_flags(self, dataset: str) -> str:
+        dataset_config = self.config["datasets"][dataset]
+        if dataset == "cifar10":
+            return f"--url {dataset_config['url']} --md5 {dataset_config['md5']} --val-size {dataset_config['val_size']}"
+        if dataset == "imagenet":
+            return f"--path {dataset_config['path']} --val-size {dataset_config['val_size']}"
+        return f"--val-size {dataset_config['val_size']}"
+
+    def _check_models(self) -> None:
+        """Crops larger than the images, architectures that cannot take the images, excluded
+        names that are not modules: each (dataset, arch, variant) model built on the meta device."""
+        import torch
+
+        from .models import build_model
+
+        for dataset, arch, variant in dict.fromkeys((r.dataset, r.arch, r.variant) for r in self.runs):
+            s = self.settings(dataset, arch, variant)
+            channels, side = IMAGE_SIZES.get(dataset, (3, s.get("crop", 224)))
+            crop = s.get("crop", side)
+            if crop > side + 2 * s.get("pad", 0):
+                raise ConfigError(f"archs.{arch}.augment.crop",
+                                  f"crop {crop} is larger than the {side}x{side} {dataset} images plus padding")
+            try:
+                with torch.device("meta"):
+                    model = build_model(s["arch"], 10, channels, crop, s["batch_norm"], s["depth"], s["width"])
+            except ValueError as error:
+                raise ConfigError(f"archs.{arch} with variants.{variant} on {dataset}", str(error)) from None
+            names = {name for name, _ in model.named_modules()}
+            for name in s["exclude"]:
+                if name not in names:
+                    raise ConfigError(f"variants.{variant}.exclude", f"{name!r} is not a module of {s['arch']}")
+
+
+def _check_schema(config: dict, schema: dict) -> None:
+    """Name the offending key, not just the schema rule it broke."""
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
+    error = min(errors, key=lambda e: [str(p) for p in e.absolute_path], default=None)
+    if error is not None:
+        raise ConfigError(".".join(str(p) for p in error.absolute_path) or "(top level)", error.message)
+
+
+def _fill_defaults(instance: dict, schema: dict) -> None:
+    """The schema's defaults for keys a config leaves out, following nested `properties` but not
+    `$ref`s: an arch's or variant's `training` names only what it changes, so it must not gain the
+    training defaults that would then override the study's `training` block."""
+    for key, subschema in schema.get("properties", {}).items():
+        if "default" in subschema and key not in instance:
+            instance[key] = copy.deepcopy(subschema["default"])
+        if isinstance(instance.get(key), dict) and "properties" in subschema:
+            _fill_defaults(instance[key], subschema)
+
+
+def _check_names(config: dict) -> None:
+    """Cross-references the schema cannot express: names used in the grid are defined, and each
+    variant's scale and rule options suit every rule it runs with."""
+    for index, block in enumerate(config["grid"]):
+        where = f"grid[{index}]"
+        for kind in ("datasets", "archs", "variants"):
+            for name in block[kind]:
+                if name not in config[kind]:
+                    raise ConfigError(f"{where}.{kind}", f"{name!r} is not defined under {kind}")
+        for name in block["rules"]:
+            if name not in RULES:
+                raise ConfigError(f"{where}.rules", f"unknown rule {name!r}; choose from {', '.join(RULES)}")
+    for name, variant in config["variants"].items():
+        if variant.get("scale", "none") not in SCALES:
+            raise ConfigError(f"variants.{name}.scale",
+                              f"unknown scale {variant['scale']!r}; choose from {', '.join(SCALES)}")
+    for index, block in enumerate(config["grid"]):
+        for rule_name, name in itertools.product(block["rules"], block["variants"]):
+            variant, rule = config["variants"][name], get_rule(rule_name)
+            try:
+                check_scale(variant.get("scale", "none"), rule)
+            except ValueError as error:
+                raise ConfigError(f"grid[{index}]", f"variant {name!r}: {error}") from None
+            try:
+                rule.resolve_options(variant.get("rule_options", {}))
+            except ValueError as error:
+                raise ConfigError(f"variants.{name}.rule_options", f"in grid[{index}]: {error}") from None
+    if "imagenet" in config["datasets"]:
+        path = config["datasets"]["imagenet"]["path"]
+        if not os.path.isdir(path):
+            raise ConfigError("datasets.imagenet.path", f"{path!r} does not exist or is not a directory")
+
+
+def _grid(config: dict) -> list[Run]:
+    """Every run of every block, each once (blocks may overlap), in the order the blocks name them."""
+    runs = {}
+    for block in config["grid"]:
+        for dataset, arch, rule, variant in itertools.product(
+                block["datasets"], block["archs"], block["rules"], block["variants"]):
+            for seed in config["seeds"]:
+                runs[Run(dataset, arch, rule, variant, seed)] = None
+    return list(runs)

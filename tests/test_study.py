@@ -1,0 +1,141 @@
+"""The study in-process (study.py): config checks that name the key, the grid of runs, each run's
+path, resolved settings and command line. tests/test_workflow.py runs the same through Snakemake."""
+import copy
+import shlex
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY
+from feedback_alignment import settings
+from feedback_alignment.study import ConfigError, Run, Study
+from feedback_alignment.train import build_parser
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["grid"][1]["rules"].append("xyz"), "grid[1].rules"),
+    (lambda c: c["grid"][0]["archs"].append("nonet"), "grid[0].archs"),
+    (lambda c: c["grid"][1]["variants"].append("bn"), "grid[1].variants"),
+    (lambda c: c["grid"][0]["datasets"].append("cifar10"), "grid[0].datasets"),
+    (lambda c: c["training"].update(lr=-0.1), "training.lr"),
+    (lambda c: c.update(seeds=[]), "seeds"),
+    (lambda c: c.update(seeds="0"), "seeds"),
+    (lambda c: c.update(seeds=[0, 0.5]), "seeds.1"),
+    (lambda c: c.pop("grid"), "(top level)"),
+    (lambda c: c["datasets"].update(imagenet={"path": "/no/such/imagenet"}), "datasets.imagenet.path"),
+    (lambda c: c["datasets"].update(imagenet={}), "datasets.imagenet"),
+    (lambda c: c["variants"]["raw"].update(scale="huge"), "variants.raw.scale"),
+    (lambda c: c["training"].update(learning_rate=0.1), "training"),
+    (lambda c: c["archs"]["net"].update(training={"epoch": 3}), "archs.net.training"),
+    (lambda c: c["variants"]["raw"].update(exclude=["clasifier"]), "variants.raw.exclude"),
+    (lambda c: c["archs"]["net"].update(augment={"crop": 12}), "archs.net.augment.crop"),
+    (lambda c: c["archs"].update(net={"arch": "resnet18"}), "archs.net with variants.exact on digits"),
+    (lambda c: c["archs"]["net"].update(arch="nonet"), "archs.net with variants.exact on digits"),
+    (lambda c: c["grid"][1]["rules"].append("kp"), "grid[1]"),  # kp takes no scale; "matched" has one
+    (lambda c: c["variants"]["raw"].update(rule_options={"lr": 0.1}), "variants.raw.rule_options"),  # usf: none
+    (lambda c: c["variants"]["raw"].update(rule_options={"lr": "fast"}), "variants.raw.rule_options.lr"),
+    (lambda c: c.update(resources={"runs_per_gpu": 0}), "resources.runs_per_gpu"),
+])
+def test_a_config_that_cannot_run_is_refused_naming_the_key(edit, key):
+    config = copy.deepcopy(TINY)
+    edit(config)
+    with pytest.raises(ConfigError) as error:
+        Study(config)
+    assert str(error.value).startswith(f"config key {key}: ") and "\n" not in str(error.value)
+
+
+def test_the_config_itself_is_left_as_given():
+    config = copy.deepcopy(TINY)
+    Study(config)
+    assert config == TINY
+
+
+def test_the_grid_is_every_runs_product_each_once_in_block_order():
+    config = copy.deepcopy(TINY)
+    config["grid"].append({"datasets": ["digits"], "archs": ["net"], "rules": ["usf", "bp"], "variants": ["raw"]})
+    runs = Study(config).runs
+    assert runs == [Run("digits", "net", rule, variant, seed)
+                    for rule, variant in (("bp", "exact"), ("usf", "raw"), ("usf", "matched"), ("bp", "raw"))
+                    for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("name, runs", [("config.yaml", 36), ("depth.yaml", 288),
+                                        ("cifar10.yaml", 3 * (3 + 36 + 16 + 1 + 4 + 9))])
+def test_the_shipped_studies_have_their_documented_size(name, runs):
+    assert len(Study(shipped(name)).runs) == runs
+
+
+def test_paths_of_a_run_and_its_data():
+    study = Study(TINY)
+    assert study.run_dir(Run("digits", "net", "usf", "raw", 1)) == "results/tiny/runs/digits/net/usf-raw/seed1"
+    assert study.evaluations()[0] == "results/tiny/runs/digits/net/bp-exact/seed0/evaluation.json"
+    assert study.data_file("digits") == "resources/data/digits.pt"
+    assert study.data_file("imagenet") == "resources/data/imagenet.json"
+
+
+def test_the_schemas_defaults_fill_what_a_config_leaves_out():
+    study = Study(dict(TINY, datasets={"digits": {}, "cifar10": {}}))
+    assert study.data_dir == "resources/data"
+    assert study.config["datasets"]["digits"] == {"val_size": 180}
+    assert study.config["datasets"]["cifar10"]["val_size"] == 5000
+    assert study.resources == dict(threads=1, gpus=0, runs_per_gpu=1, mem_mb=4000, runtime=60, device="cpu")
+    assert Study(dict(TINY, resources={"gpus": 2})).resources["device"] == "cuda"
+
+
+def test_settings_resolve_defaults_then_training_then_arch_then_variant():
+    config = copy.deepcopy(TINY)
+    config["archs"]["net"]["training"] = {"epochs": 7, "momentum": 0.5}
+    config["variants"]["manhattan"] = {"optimizer": "batch_manhattan", "lr": 1e-4, "scale": "init"}
+    s = Study(config).settings("digits", "net", "manhattan")
+    assert s["weight_decay"] == settings.defaults()["weight_decay"]  # set nowhere: the declared default
+    assert (s["batch_size"], s["alignment_every"]) == (32, 2)  # the study's training block
+    assert (s["epochs"], s["momentum"]) == (7, 0.5)  # the arch's
+    assert (s["optimizer"], s["lr"], s["scale"]) == ("batch_manhattan", 1e-4, "init")  # the variant's
+
+
+def test_an_archs_training_block_changes_only_what_it_names():
+    # cifar10's Arch 1 sets its own epochs and lr; the study's alignment_every (390) still holds.
+    # (Filling the arch's block with the schema's defaults had reset it to 0.)
+    s = Study(shipped("cifar10.yaml")).settings("cifar10", "arch1", "raw")
+    assert (s["epochs"], s["lr"], s["alignment_every"], s["batch_size"]) == (100, 0.01, 390, 128)
+
+
+def test_the_train_flags_give_the_cli_the_resolved_settings():
+    study = Study(shipped("cifar10.yaml"))
+    flags = study.train_flags("cifar10", "arch1", "manhattan")
+    args = build_parser().parse_args(["--dataset", "cifar10", "--data", "d.pt", "--out", "o", "--rule", "fa",
+                                      *shlex.split(flags)])
+    resolved = study.settings("cifar10", "arch1", "manhattan")
+    for name in settings.defaults():
+        assert getattr(args, name) == resolved[name], name
+    assert (args.arch, args.arch_label, args.variant, args.scale) == ("arch1", "arch1", "manhattan", "init")
+    assert (args.crop, args.pad, args.flip, args.batch_norm) == (24, 0, True, False)
+
+
+def test_a_variants_rule_options_reach_only_its_runs_flags():
+    config = copy.deepcopy(TINY)
+    config["variants"]["mirrored"] = {"rule_options": {"lr": 0.2, "every": 2}}
+    config["grid"] = [{"datasets": ["digits"], "archs": ["net"], "rules": ["wm"], "variants": ["mirrored", "raw"]}]
+    study = Study(config)
+    assert study.train_flags("digits", "net", "mirrored").endswith("--rule-option lr=0.2 --rule-option every=2")
+    assert "--rule-option" not in study.train_flags("digits", "net", "raw")
+
+
+def test_the_launcher_splits_a_jobs_threads_among_its_gpus():
+    one = Study(dict(TINY, resources={"threads": 4, "gpus": 1, "runs_per_gpu": 2}))
+    assert one.launcher() == "python -m feedback_alignment train --threads 4 --runs-per-gpu 2"
+    eight = Study(dict(TINY, resources={"threads": 64, "gpus": 8, "workers": 8}))
+    assert eight.launcher() == ("torchrun --standalone --nproc-per-node 8 -m feedback_alignment train "
+                                "--threads 8 --workers 8")
+
+
+def test_prepare_flags_per_dataset(tmp_path):
+    study = Study(dict(TINY, datasets={"digits": {}, "cifar10": {"url": "http://127.0.0.1:1/c.tar.gz"},
+                                       "imagenet": {"path": str(tmp_path)}}))
+    assert study.prepare_flags("digits") == "--val-size 180"
+    assert study.prepare_flags("cifar10") == ("--url http://127.0.0.1:1/c.tar.gz "
+                                              "--md5 c58f30108f718f92721af3b95e74349a --val-size 5000")
+    assert study.prepare_flags("imagenet") == f"--path {tmp_path} --val-size 10000"
