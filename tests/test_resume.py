@@ -160,16 +160,34 @@ def test_evaluate_and_summarize_user_errors(tmp_path):
 
 
 def test_checkpoint_of_another_code_version_is_refused(tmp_path):
-    from feedback_alignment import train
+    from feedback_alignment import checkpoint
     from feedback_alignment.provenance import git_sha
 
     config = {"rule": "fa", "lr": 0.1, "out": "here"}
-    current = dict(config=train.semantic_config(config), git_sha=git_sha())
-    train.check_checkpoint(current, {**config, "out": "elsewhere", "threads": 4}, tmp_path / "c.pt")  # placement only
+    current = dict(format=checkpoint.FORMAT, config=checkpoint.semantic_config(config), git_sha=git_sha())
+    checkpoint.check_checkpoint(current, {**config, "out": "elsewhere", "threads": 4}, tmp_path / "c.pt")  # placement only
     if git_sha() == "unknown":
         pytest.skip("not running from a git checkout")
-    with pytest.raises(train.CheckpointMismatch, match="written by code version 0123abc"):
-        train.check_checkpoint({**current, "git_sha": "0123abc"}, config, tmp_path / "c.pt")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written by code version 0123abc"):
+        checkpoint.check_checkpoint({**current, "git_sha": "0123abc"}, config, tmp_path / "c.pt")
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp_path):
+    """A checkpoint written before TrainState (format 1: no 'format' key, the state a plain dict)
+    is refused in one line that says what changed, and the run's files stay as they were."""
+    out = tmp_path / "run"
+    code, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM)
+    path = out / "checkpoint.pt"
+    old = torch.load(path, weights_only=True)
+    del old["format"]
+    torch.save(old, path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    process = subprocess.run(train_command(digits, out), capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1 and "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines()[-1] == (
+        f"train: {path} has checkpoint format 1, this code reads format 2 (the training state became the "
+        "TrainState record (checkpoints of format 1 have no 'format' key)); delete it to start over")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("rule", ["dfa", "kp", "wm"])
@@ -187,7 +205,7 @@ def test_learned_and_direct_feedback_resume_exactly(rule, digits, tmp_path):
 def test_checkpoints_load_to_the_cpu_so_rng_states_restore_on_any_device(digits, tmp_path):
     """On a GPU the old resume path loaded the RNG states onto the device, where set_rng_state
     refuses them: every tensor of a loaded checkpoint must be on the CPU, whatever the run's device."""
-    from feedback_alignment.train import load_checkpoint, rng_states, set_rng_states
+    from feedback_alignment.checkpoint import load_checkpoint, rng_states, set_rng_states
     out = tmp_path / "run"
     code, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM)
     checkpoint = load_checkpoint(out / "checkpoint.pt")

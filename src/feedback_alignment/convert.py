@@ -56,29 +56,8 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     options = rule_spec.resolve_options(options)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     named = list(model.named_modules(remove_duplicate=False))
-    names = {name for name, _ in named}
-    for prefix in exclude:
-        if prefix not in names:
-            raise ValueError(f"exclude names {prefix!r}, which is not a module of the model")
-    for name, module in named:
-        if isinstance(module, (FeedbackLayer, FeedbackMultiheadAttention)):
-            used = (module if isinstance(module, FeedbackLayer) else module.out_proj).rule.name
-            raise ValueError(f"model is already converted (module {name or 'model'!r} "
-                             f"uses rule {used!r}); convert a fresh model")
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"module {name or 'model'!r} ({type(module).__name__}) is not materialized yet: "
-                             "run one forward before fa.convert")
-
-    targets, attention_prefixes = [], []
-    for name, module in named:
-        if _excluded(name, exclude) or any(name.startswith(p) for p in attention_prefixes):
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            attention_prefixes.append(f"{name}.")  # its children are its own business
-            if _converts_attention(module, rule_spec.signal):
-                targets.append((name, module))
-        elif feedback_class(type(module)) is not None:
-            targets.append((name, module))
+    _check_convertible(named, exclude)
+    targets = _conversion_targets(named, exclude, rule_spec.signal)
     if not targets:
         raise ValueError(f"nothing to convert: {type(model).__name__} has no convolution, linear or "
                          "attention layer" + (f" outside exclude={list(exclude)}" if exclude else ""))
@@ -113,6 +92,39 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
         _watch_optimizers_for_coupled_weight_decay()
     _warn_about_exact_modules(model, exclude)
     return model
+
+
+def _check_convertible(named: list, exclude: tuple) -> None:
+    """Refuse what conversion would get wrong: unknown exclude names, a converted model (its
+    layers would be wrapped twice), lazy layers without shapes yet."""
+    names = {name for name, _ in named}
+    for prefix in exclude:
+        if prefix not in names:
+            raise ValueError(f"exclude names {prefix!r}, which is not a module of the model")
+    for name, module in named:
+        if isinstance(module, (FeedbackLayer, FeedbackMultiheadAttention)):
+            used = (module if isinstance(module, FeedbackLayer) else module.out_proj).rule.name
+            raise ValueError(f"model is already converted (module {name or 'model'!r} "
+                             f"uses rule {used!r}); convert a fresh model")
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"module {name or 'model'!r} ({type(module).__name__}) is not materialized yet: "
+                             "run one forward before fa.convert")
+
+
+def _conversion_targets(named: list, exclude: tuple, signal: str) -> list:
+    """(name, module) of every layer to convert, outside `exclude`; an attention module is one
+    target (its projections are its own business)."""
+    targets, attention_prefixes = [], []
+    for name, module in named:
+        if _excluded(name, exclude) or any(name.startswith(p) for p in attention_prefixes):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            attention_prefixes.append(f"{name}.")
+            if _converts_attention(module, signal):
+                targets.append((name, module))
+        elif feedback_class(type(module)) is not None:
+            targets.append((name, module))
+    return targets
 
 
 def after_step(model: nn.Module, step: int) -> None:

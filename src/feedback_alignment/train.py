@@ -24,6 +24,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -33,12 +34,14 @@ from tqdm import tqdm
 
 from . import alignment, settings
 from . import data as datasets
+from .checkpoint import TrainState, resume, save_checkpoint
 from .convert import after_step
 from .distributed import BACKENDS, World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .optim import BatchManhattan
-from .provenance import git_sha, provenance, torch_save, write_csv, write_json
+from .provenance import provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES, get_rule
-from .runs import autocast, build_run_model, evaluate, make_loaders, reported_topk, resolve_device, resolve_precision
+from .runs import (Loaders, autocast, build_run_model, evaluate, make_loaders, reported_topk, resolve_device,
+                   resolve_precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,57 +122,35 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-class CheckpointMismatch(ValueError):
-    pass
-
-
-# Flags that change where or how fast a run goes, not what it computes (beyond float rounding).
-PLACEMENT_KEYS = ("out", "data", "threads", "device", "workers", "channels_last", "compile",
-                  "runs_per_gpu", "dist_backend")
-
-
-def semantic_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
-
-
-def check_checkpoint(checkpoint: dict, config: dict, path: Path) -> None:
-    """Refuse to resume from a checkpoint that another config or code version wrote."""
-    theirs, ours = checkpoint["config"], semantic_config(config)
-    differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if differing:
-        key = differing[0]
-        raise CheckpointMismatch(f"{path} was written with a different config ({key}: "
-                                 f"{theirs.get(key)!r} there, {ours.get(key)!r} now); "
-                                 "delete it to start over")
-    sha = git_sha()
-    if checkpoint["git_sha"] != sha and "unknown" not in (checkpoint["git_sha"], sha):
-        raise CheckpointMismatch(f"{path} was written by code version {checkpoint['git_sha']}, "
-                                 f"this is {sha}; delete it to start over")
-
-
-def rng_states(device) -> dict:
-    states = dict(torch=torch.get_rng_state())
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint, every tensor on the CPU: the RNG states must reach set_rng_state as CPU byte
-    tensors (loaded onto a GPU, torch refuses them), and load_state_dict copies model and
-    optimizer states onto the model's device itself."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def set_rng_states(states: dict, device) -> None:
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr",
                    "images", "seconds", "images_per_s"]
 DIVERGENCE_CHECK_EVERY = 20  # steps; a check synchronizes a GPU, so not every step
+
+
+@dataclass
+class Training:
+    """One run's parts, built once by `setup`; of them, only `state` (and the model's and the
+    optimizer's own states) change as the run goes."""
+    args: argparse.Namespace
+    config: dict  # the resolved config, recorded in checkpoint and result
+    out: Path
+    world: World
+    device: torch.device
+    precision: str
+    channels_last: bool
+    loaders: Loaders  # or imagenet.ImageNetLoaders, which has the same interface
+    model: torch.nn.Module  # holds the state: saved, evaluated, measured
+    forward: torch.nn.Module  # what the training step calls (under DDP and/or compiled)
+    compiled: torch.nn.Module  # what evaluation calls
+    optimizer: torch.optim.Optimizer
+    probe: tuple | None  # the fixed batch alignment is measured on
+    stop: StopRequest
+    gpu_lock: object
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
 
 
 def run(args) -> dict:
@@ -182,6 +163,31 @@ def run(args) -> dict:
         close_world(world)
 
 
+def _run(args, world: World, device_name: str) -> dict:
+    t = setup(args, world, device_name)
+    if t.checkpoint_path.is_file():
+        t.state = resume(t.checkpoint_path, t.config, t.model, t.optimizer, t.device)
+        if world.is_main:
+            print(f"resuming from {t.checkpoint_path}: epoch {t.state.epoch + 1}, "
+                  f"batch {t.state.batches['next'] if t.state.batches else 0}", file=sys.stderr)
+    if t.probe is not None and t.state.step == 0 and not t.state.alignment:
+        measure_alignment(t, 0)  # at initialization
+    total = args.epochs * t.loaders.train_batches_per_epoch()
+    diverged_at = None
+    with tqdm(total=total, initial=min(t.state.step, total), desc=f"{args.rule} seed {args.seed}",
+              file=sys.stderr, mininterval=5.0, unit="batch", disable=not world.is_main) as progress:
+        while t.state.epoch < args.epochs and diverged_at is None:
+            diverged_at = train_epoch(t, progress)
+    write_tables(t)  # again: a diverged or empty run still gets its (possibly empty) history
+    result = run_result(t, diverged_at)
+    if world.is_main:
+        write_json(t.out / "result.json", result)
+    world.barrier()
+    if t.gpu_lock is not None:
+        t.gpu_lock.close()
+    return result
+
+
 def claim_device(device_name: str, runs_per_gpu: int, world: World):
     """The device of a single-process run. Given auto or a bare cuda on a machine with GPUs, take a
     free GPU slot, so that concurrent jobs spread over the GPUs (runs_per_gpu of them per GPU)."""
@@ -192,185 +198,172 @@ def claim_device(device_name: str, runs_per_gpu: int, world: World):
     return torch.device("cuda", index), lock
 
 
-def _run(args, world: World, device_name: str) -> dict:
+def setup(args, world: World, device_name: str) -> Training:
+    """Everything a run needs, checked before anything is written: a refused run leaves nothing."""
     if args.runs_per_gpu < 1:
         raise ValueError(f"--runs-per-gpu {args.runs_per_gpu} must be at least 1")
     device, gpu_lock = claim_device(device_name, args.runs_per_gpu, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = resolve_precision(args.precision, device)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = Path(args.out)
     config = {key: value for key, value in vars(args).items() if key not in ("command", "rule_option")}
     config["arch_label"] = args.arch_label or args.arch
     config["rule_options"] = parse_rule_options(args.rule, args.rule_option)
     loaders = make_loaders(config, device, world)
-    per_epoch = loaders.train_batches_per_epoch()
-    if per_epoch == 0:
+    if loaders.train_batches_per_epoch() == 0:
         raise ValueError(f"no training batch: the {args.dataset} training split is smaller than "
                          f"--batch-size {args.batch_size}")
     model = build_run_model(config, loaders.num_classes, loaders.in_channels, loaders.image_size)
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world.distributed and device.type == "cuda":
         # Batch statistics over the global batch, as in the single-process run. (gloo on CPU has
         # no SyncBatchNorm: there each rank normalizes over its share.)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Built after conversion: under kp the optimizer also trains B (a Parameter there).
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
-    # `model` holds the state (saved, evaluated, measured); `forward` is what the training step
-    # calls; `compiled` what evaluation calls.
-    compiled = torch.compile(model) if args.compile else model
-    forward = model
-    if world.distributed:
-        # Buffers are not broadcast: feedback buffers are equal on every rank by construction,
-        # and broadcasting 11M-value B tensors every step would cost more than the step.
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if args.compile:
-        # Compiled around DDP, not inside it: the compiler then splits the graph at DDP's gradient
-        # buckets, so that each bucket's all-reduce starts while the rest of the backward runs.
-        forward = torch.compile(forward) if world.distributed else compiled
-    topk = reported_topk(loaders.num_classes)
-    stop = StopRequest()
-    out.mkdir(parents=True, exist_ok=True)  # only once the run can start: a refused one leaves nothing
-
-    # Everything a resumed run needs besides model and optimizer.
-    state = dict(epoch=0, batches=None, sums=None, step=0, history=[], best_val=math.inf,
-                 best_epoch=None, epoch_seconds=0.0, alignment=[])
+    forward, compiled = wrap_model(model, args.compile, world, device)
     probe = loaders.probe_batch(args.alignment_batch) if args.alignment_every > 0 else None
+    training = Training(args, config, Path(args.out), world, device, resolve_precision(args.precision, device),
+                        channels_last, loaders, model, forward, compiled, optimizer, probe, StopRequest(), gpu_lock)
+    training.out.mkdir(parents=True, exist_ok=True)
+    return training
 
-    def measure_alignment(epoch):
-        # Every rank measures (the same batch, the same weights): SyncBatchNorm needs them all.
-        frame = alignment.measure(model, *probe)
-        state["alignment"] += frame.assign(epoch=epoch, step=state["step"]).to_dict("records")
-    checkpoint_path = out / "checkpoint.pt"
-    if checkpoint_path.is_file():
-        checkpoint = load_checkpoint(checkpoint_path)
-        check_checkpoint(checkpoint, config, checkpoint_path)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_states(checkpoint["rng"], device)
-        state = checkpoint["state"]
-        if world.is_main:
-            print(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, "
-                  f"batch {state['batches']['next'] if state['batches'] else 0}", file=sys.stderr)
 
-    def save_checkpoint(epoch_batches=None):
-        state["batches"] = epoch_batches.state_dict() if epoch_batches is not None else None
-        if world.is_main:
-            torch_save(checkpoint_path, dict(config=semantic_config(config), git_sha=git_sha(),
-                                             model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                             rng=rng_states(device), state=state))
+def wrap_model(model, compile_model: bool, world: World, device: torch.device):
+    """(what the training step calls, what evaluation calls)."""
+    compiled = torch.compile(model) if compile_model else model
+    if not world.distributed:
+        return compiled, compiled
+    # Buffers are not broadcast: feedback buffers are equal on every rank by construction, and
+    # broadcasting 11M-value B tensors every step would cost more than the step.
+    forward = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # Compiled around DDP, not inside it: the compiler then splits the graph at DDP's gradient
+    # buckets, so that each bucket's all-reduce starts while the rest of the backward runs.
+    return (torch.compile(forward) if compile_model else forward), compiled
 
-    def write_tables():
-        if not world.is_main:
-            return
-        write_csv(out / "history.csv", pd.DataFrame(state["history"], columns=HISTORY_COLUMNS))
-        if state["alignment"]:
-            write_csv(out / "alignment.csv", pd.DataFrame(state["alignment"]))
 
-    def should_stop(sums) -> tuple[bool, bool]:
-        """(a stop signal arrived, the loss went non-finite), agreed by every rank."""
-        return tuple(world.any([stop.signal is not None, not torch.isfinite(sums["loss"])], device))
+def train_epoch(t: Training, progress) -> dict | None:
+    """One epoch (or the rest of an interrupted one), then its evaluation; where the run diverged
+    (epoch and step) if it did, else None."""
+    epoch, args = t.state.epoch, t.args
+    lr = lr_at(epoch, args.lr, args.lr_milestones, args.lr_gamma)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    epoch_batches = t.loaders.train(epoch, t.state.batches)
+    # Loss and error sums stay on the device: no GPU synchronization per step.
+    sums = t.state.sums or dict(loss=torch.zeros((), device=t.device),
+                                wrong=torch.zeros((), device=t.device, dtype=torch.int64),
+                                first_bad_step=torch.full((), -1, device=t.device), seen=0)
+    t.model.train()
+    start = time.perf_counter()
+    for images, labels in epoch_batches:
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        t.optimizer.zero_grad(set_to_none=True)
+        with autocast(t.precision, t.device):
+            logits = t.forward(images)
+            loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        t.optimizer.step()
+        t.state.step += 1
+        after_step(t.model, t.state.step)  # the rule's work between steps (wm: its mirror phase)
+        sums["loss"] += loss.detach().float() * labels.shape[0]
+        # Where the loss first went non-finite, recorded on the device without a sync.
+        sums["first_bad_step"] = torch.where((sums["first_bad_step"] < 0) & ~torch.isfinite(loss.detach()),
+                                             t.state.step, sums["first_bad_step"])
+        sums["wrong"] += (logits.detach().argmax(1) != labels).sum()
+        sums["seen"] += labels.shape[0]
+        progress.update(1)
+        if t.probe is not None and t.state.step % args.alignment_every == 0:
+            measure_alignment(t, epoch + 1)
+        signalled, non_finite = stop_or_diverged(t, sums)
+        if non_finite:
+            break
+        if signalled:
+            t.state.sums, t.state.epoch_seconds = sums, t.state.epoch_seconds + time.perf_counter() - start
+            checkpoint_and_exit(t, epoch_batches)
+    return finish_epoch(t, lr, sums, t.state.epoch_seconds + time.perf_counter() - start)
 
-    status, diverged_at = "completed", None
-    if probe is not None and state["step"] == 0 and not state["alignment"]:
-        measure_alignment(0)  # at initialization
-    with tqdm(total=args.epochs * per_epoch, initial=min(state["step"], args.epochs * per_epoch),
-              desc=f"{args.rule} seed {args.seed}", file=sys.stderr, mininterval=5.0,
-              unit="batch", disable=not world.is_main) as progress:
-        while state["epoch"] < args.epochs and status == "completed":
-            epoch = state["epoch"]
-            lr = lr_at(epoch, args.lr, args.lr_milestones, args.lr_gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            epoch_batches = loaders.train(epoch, state["batches"])
-            # Loss and error sums stay on the device: no GPU synchronization per step.
-            sums = state["sums"] or dict(loss=torch.zeros((), device=device),
-                                         wrong=torch.zeros((), device=device, dtype=torch.int64),
-                                         first_bad_step=torch.full((), -1, device=device), seen=0)
-            model.train()
-            start = time.perf_counter()
-            for images, labels in epoch_batches:
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(precision, device):
-                    logits = forward(images)
-                    loss = F.cross_entropy(logits, labels)
-                loss.backward()
-                optimizer.step()
-                state["step"] += 1
-                after_step(model, state["step"])  # the rule's work between steps (wm: its mirror phase)
-                sums["loss"] += loss.detach().float() * labels.shape[0]
-                # Where the loss first went non-finite, recorded on the device without a sync.
-                sums["first_bad_step"] = torch.where(
-                    (sums["first_bad_step"] < 0) & ~torch.isfinite(loss.detach()),
-                    state["step"], sums["first_bad_step"])
-                sums["wrong"] += (logits.detach().argmax(1) != labels).sum()
-                sums["seen"] += labels.shape[0]
-                progress.update(1)
-                if probe is not None and state["step"] % args.alignment_every == 0:
-                    measure_alignment(epoch + 1)
-                # One process sees a stop signal at once; ranks agree on both every few steps.
-                check_now = state["step"] % DIVERGENCE_CHECK_EVERY == 0
-                if world.distributed:
-                    signalled, non_finite = should_stop(sums) if check_now else (False, False)
-                else:
-                    signalled = stop.signal is not None
-                    non_finite = check_now and not torch.isfinite(sums["loss"])
-                if non_finite:
-                    break
-                if signalled:
-                    state["sums"] = sums
-                    state["epoch_seconds"] += time.perf_counter() - start
-                    save_checkpoint(epoch_batches)
-                    world.barrier()  # nobody leaves before rank 0 has written the checkpoint
-                    raise SystemExit(f"train: {stop.signal or 'stop'} at epoch {epoch + 1}, step "
-                                     f"{state['step']}: checkpoint saved to {checkpoint_path}; rerun to resume")
-            seconds = state["epoch_seconds"] + time.perf_counter() - start
-            loss_sum, wrong, seen = world.sum([float(sums["loss"]), int(sums["wrong"]), sums["seen"]], device)
-            train_loss, train_error = loss_sum / seen, 100.0 * wrong / seen
-            if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
-                bad_step = int(sums["first_bad_step"])
-                status, diverged_at = "diverged", dict(epoch=epoch + 1,
-                                                       step=bad_step if bad_step > 0 else state["step"])
-                break
-            (val_error, *_), _ = evaluate(compiled, loaders.eval("val"), topk, world, device, precision)
-            (test_error, *_), _ = evaluate(compiled, loaders.eval("test"), topk, world, device, precision)
-            state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
-                                         val_error=val_error, test_error=test_error, lr=lr,
-                                         images=int(seen), seconds=seconds, images_per_s=seen / seconds))
-            write_tables()
-            if val_error < state["best_val"]:
-                state["best_val"], state["best_epoch"] = val_error, epoch + 1
-                if world.is_main:
-                    torch_save(out / "best.pt", dict(model=model.state_dict(), epoch=epoch + 1))
-            state.update(epoch=epoch + 1, sums=None, epoch_seconds=0.0)
-            save_checkpoint()
-            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_error:.2f}%")
 
-    write_tables()  # again: a diverged or empty run still gets its (possibly empty) history
-    history = state["history"]
+def stop_or_diverged(t: Training, sums: dict) -> tuple[bool, bool]:
+    """(a stop signal arrived, the loss went non-finite). One process sees a signal at once and
+    checks the loss every few steps; under torchrun the ranks agree on both every few steps."""
+    check_now = t.state.step % DIVERGENCE_CHECK_EVERY == 0
+    if t.world.distributed:
+        if not check_now:
+            return False, False
+        return tuple(t.world.any([t.stop.signal is not None, not torch.isfinite(sums["loss"])], t.device))
+    return t.stop.signal is not None, check_now and not bool(torch.isfinite(sums["loss"]))
+
+
+def checkpoint_and_exit(t: Training, epoch_batches) -> None:
+    save(t, epoch_batches)
+    t.world.barrier()  # nobody leaves before rank 0 has written the checkpoint
+    raise SystemExit(f"train: {t.stop.signal or 'stop'} at epoch {t.state.epoch + 1}, step {t.state.step}: "
+                     f"checkpoint saved to {t.checkpoint_path}; rerun to resume")
+
+
+def finish_epoch(t: Training, lr: float, sums: dict, seconds: float) -> dict | None:
+    """The epoch's metrics (or where it diverged), evaluation on val and test, the best weights
+    so far, the checkpoint."""
+    epoch = t.state.epoch
+    loss_sum, wrong, seen = t.world.sum([float(sums["loss"]), int(sums["wrong"]), sums["seen"]], t.device)
+    train_loss, train_error = loss_sum / seen, 100.0 * wrong / seen
+    if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in t.model.parameters()):
+        bad_step = int(sums["first_bad_step"])
+        return dict(epoch=epoch + 1, step=bad_step if bad_step > 0 else t.state.step)
+    topk = reported_topk(t.loaders.num_classes)
+    (val_error, *_), _ = evaluate(t.compiled, t.loaders.eval("val"), topk, t.world, t.device, t.precision)
+    (test_error, *_), _ = evaluate(t.compiled, t.loaders.eval("test"), topk, t.world, t.device, t.precision)
+    t.state.history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
+                                val_error=val_error, test_error=test_error, lr=lr,
+                                images=int(seen), seconds=seconds, images_per_s=seen / seconds))
+    write_tables(t)
+    if val_error < t.state.best_val:
+        t.state.best_val, t.state.best_epoch = val_error, epoch + 1
+        if t.world.is_main:
+            torch_save(t.out / "best.pt", dict(model=t.model.state_dict(), epoch=epoch + 1))
+    t.state.epoch, t.state.sums, t.state.epoch_seconds = epoch + 1, None, 0.0
+    save(t)
+    return None
+
+
+def save(t: Training, epoch_batches=None) -> None:
+    """checkpoint.pt (rank 0 only), with the position in the epoch's batches if interrupted."""
+    t.state.batches = epoch_batches.state_dict() if epoch_batches is not None else None
+    if t.world.is_main:
+        save_checkpoint(t.checkpoint_path, t.config, t.model, t.optimizer, t.device, t.state)
+
+
+def measure_alignment(t: Training, epoch: int) -> None:
+    # Every rank measures (the same batch, the same weights): SyncBatchNorm needs them all.
+    frame = alignment.measure(t.model, *t.probe)
+    t.state.alignment += frame.assign(epoch=epoch, step=t.state.step).to_dict("records")
+
+
+def write_tables(t: Training) -> None:
+    if not t.world.is_main:
+        return
+    write_csv(t.out / "history.csv", pd.DataFrame(t.state.history, columns=HISTORY_COLUMNS))
+    if t.state.alignment:
+        write_csv(t.out / "alignment.csv", pd.DataFrame(t.state.alignment))
+
+
+def run_result(t: Training, diverged_at: dict | None) -> dict:
+    """result.json: how the run ended, its metrics, resolved config and provenance."""
+    history, best_epoch = t.state.history, t.state.best_epoch
     last = history[-1] if history else {}
-    best_epoch = state["best_epoch"]
-    result = dict(status=status, diverged_at_epoch=diverged_at and diverged_at["epoch"],
-                  diverged_at_step=diverged_at and diverged_at["step"], epochs_completed=len(history),
-                  best_epoch=best_epoch, best_val_error=None if best_epoch is None else state["best_val"],
-                  final_train_loss=last.get("train_loss"), final_val_error=last.get("val_error"),
-                  final_test_error=last.get("test_error"), num_classes=loaders.num_classes,
-                  in_channels=loaders.in_channels, image_size=loaders.image_size,
-                  config=config, provenance=provenance(device),
-                  placement=dict(world_size=world.size, precision=precision,
-                                 channels_last=channels_last, compile=args.compile))
-    if world.is_main:
-        write_json(out / "result.json", result)
-    world.barrier()
-    if gpu_lock is not None:
-        gpu_lock.close()
-    return result
+    return dict(status="completed" if diverged_at is None else "diverged",
+                diverged_at_epoch=diverged_at and diverged_at["epoch"],
+                diverged_at_step=diverged_at and diverged_at["step"], epochs_completed=len(history),
+                best_epoch=best_epoch, best_val_error=None if best_epoch is None else t.state.best_val,
+                final_train_loss=last.get("train_loss"), final_val_error=last.get("val_error"),
+                final_test_error=last.get("test_error"), num_classes=t.loaders.num_classes,
+                in_channels=t.loaders.in_channels, image_size=t.loaders.image_size,
+                config=t.config, provenance=provenance(t.device),
+                placement=dict(world_size=t.world.size, precision=t.precision,
+                               channels_last=t.channels_last, compile=t.args.compile))
 
 
 def main(argv=None):

@@ -1,0 +1,22 @@
+"""The package reads top to bottom: no function over 80 lines, and evaluation needs nothing
+private from training (both share runs.py)."""
+import ast
+from pathlib import Path
+
+import feedback_alignment
+
+PACKAGE = Path(feedback_alignment.__file__).parent
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long
+
+
+def test_evaluation_imports_nothing_from_training():
+    imported = {node.module for node in ast.walk(ast.parse((PACKAGE / "evaluate.py").read_text()))
+                if isinstance(node, ast.ImportFrom)}
+    assert "train" not in imported and "feedback_alignment.train" not in imported
