@@ -55,7 +55,7 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 
 
 def references() -> pd.DataFrame:
-    """Published top-1 test errors (%) with their source (shared/docs/paper.md)."""
+    """Published top-1 test errors (%), each with its source (paper, table, recipe, seeds)."""
     with resources.files("feedback_alignment").joinpath("resources/references.csv").open() as handle:
         return pd.read_csv(handle)
 
