@@ -139,3 +139,56 @@ def test_prepare_flags_per_dataset(tmp_path):
     assert study.prepare_flags("cifar10") == ("--url http://127.0.0.1:1/c.tar.gz "
                                               "--md5 c58f30108f718f92721af3b95e74349a --val-size 5000")
     assert study.prepare_flags("imagenet") == f"--path {tmp_path} --val-size 10000"
+
+
+def tuned(**sweep) -> dict:
+    config = copy.deepcopy(TINY)
+    config["grid"].append({"datasets": ["digits"], "archs": ["net"], "rules": ["wm"], "variants": ["raw"]})
+    config["tuning"] = {"sweep": sweep}
+    return config
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["tuning"]["sweep"].update(learning_rate=[0.1]), "tuning.sweep.learning_rate"),
+    (lambda c: c["tuning"]["sweep"].update({"rule_options.gain": [1]}), "tuning.sweep.rule_options.gain"),
+    (lambda c: c["tuning"]["sweep"].update(momentum=[]), "tuning.sweep.momentum"),
+    (lambda c: c["tuning"]["sweep"].update(lr=[0.1, -1.0]), "tuning.sweep.lr[1]"),
+    (lambda c: c["tuning"]["sweep"].update(optimizer=["sgd", "rmsprop"]), "tuning.sweep.optimizer[1]"),
+    (lambda c: c["tuning"]["sweep"].update({"rule_options.every": [1, 0]}), "tuning.sweep.rule_options.every[1]"),
+    (lambda c: c["variants"]["raw"].update(lr=0.01), "tuning.sweep.lr"),  # the variant fixes lr
+    (lambda c: c["variants"].update(mirrored={"rule_options": {"every": 2}}) or c["grid"][2]["variants"].append(
+        "mirrored") or c["tuning"]["sweep"].update({"rule_options.every": [1, 2]}), "tuning.sweep.rule_options.every"),
+    (lambda c: c["tuning"].update(seeds=[0.5]), "tuning.seeds.0"),
+    (lambda c: c["tuning"].update(seeds="0"), "tuning.seeds"),
+    (lambda c: c["tuning"].update(seeds=[]), "tuning.seeds"),
+    (lambda c: c["tuning"].pop("sweep"), "tuning"),
+])
+def test_a_tuning_block_that_cannot_run_is_refused_naming_the_key(edit, key):
+    config = tuned(lr=[0.02, 0.05])
+    edit(config)
+    with pytest.raises(ConfigError) as error:
+        Study(config)
+    assert str(error.value).startswith(f"config key {key}: ") and "\n" not in str(error.value)
+
+
+def test_tuning_trains_every_point_with_the_tuning_seeds_rule_options_only_where_a_rule_has_them():
+    study = Study(dict(tuned(lr=[0.02, 0.1], **{"rule_options.every": [1, 2]}), seeds=[0, 1, 2]))
+    assert study.points("bp") == ["lr=0.02", "lr=0.1"]
+    assert study.points("wm") == ["lr=0.02,rule_options.every=1", "lr=0.02,rule_options.every=2",
+                                  "lr=0.1,rule_options.every=1", "lr=0.1,rule_options.every=2"]
+    assert len(study.tuning_runs) == 2 + 2 + 2 + 4  # bp, usf raw, usf matched, wm; one tuning seed (default 0)
+    run = Run("digits", "net", "wm", "raw", 0, "lr=0.1,rule_options.every=2")
+    assert run in study.tuning_runs
+    assert study.run_dir(run) == "results/tiny/tuning/digits/net/wm-raw/lr=0.1,rule_options.every=2/seed0"
+    flags = study.train_flags("digits", "net", "raw", run.point)
+    assert "--lr 0.1 " in flags and flags.endswith("--rule-option every=2")
+    s = study.settings("digits", "net", "raw", run.point)
+    assert s["lr"] == 0.1 and s["rule_options"] == {"every": 2}
+    assert study.settings("digits", "net", "raw")["rule_options"] == {}  # the point changed a copy
+    assert study.selection_file("digits", "net", "wm", "raw") == "results/tiny/tuning/digits/net/wm-raw/selected.json"
+    assert len(study.selection_files()) == 4 and len(study.runs) == 12  # the study's own runs as before
+
+
+def test_a_study_without_tuning_has_no_tuning_runs():
+    study = Study(TINY)
+    assert study.tuning_runs == [] and study.selection_files() == [] and study.points("bp") == [""]

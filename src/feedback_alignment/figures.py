@@ -12,6 +12,8 @@
 - gradient_norms.png    : per-layer weight-gradient norm at initialization and at the last
   measurement, per rule and variant, beside backprop's on the same batch
 - error_vs_depth.png    : final test error against depth (convnet archs), per rule and variant
+- sensitivity.png       : validation error against each swept value, per rule and variant, the
+  point tuning selected starred (from tuning.csv; needs a tuning block)
 A figure without the data it needs says so on its face instead of being left out.
 """
 from __future__ import annotations
@@ -288,6 +290,55 @@ def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+TUNING_COLUMNS = ("dataset", "arch", "rule", "variant", "n_seeds", "val_error_mean", "val_error_std", "selected")
+VARIANT_STYLES = ("-", "--", ":", "-.")
+
+
+def sensitivity(tuning: pd.DataFrame, path: Path) -> None:
+    """One panel per (dataset, arch) and swept key: each group's validation error against the
+    key's values, its other swept keys held at their selected values."""
+    keys = [column for column in tuning.columns if column not in TUNING_COLUMNS]
+    panels = tuning[["dataset", "arch"]].drop_duplicates().values.tolist()
+    variants = list(tuning.variant.drop_duplicates())
+    figure, axes = plt.subplots(len(panels), len(keys), squeeze=False, figsize=(5.0 * len(keys), 3.8 * len(panels)))
+    for row, (dataset, arch) in enumerate(panels):
+        here = tuning[(tuning.dataset == dataset) & (tuning.arch == arch)]
+        for column, key in enumerate(keys):
+            axis = axes[row][column]
+            for (rule, variant), group in here.groupby(["rule", "variant"], sort=False):
+                chosen = group[group.selected.astype(bool)].iloc[0]
+                line = group.dropna(subset=[key])
+                for other in keys:
+                    if other != key and pd.notna(chosen[other]):
+                        line = line[line[other] == chosen[other]]
+                if line.empty:
+                    continue
+                line = line.sort_values(key)
+                color = RULE_COLORS.get(rule)
+                axis.plot(line[key], line.val_error_mean, VARIANT_STYLES[variants.index(variant) % len(VARIANT_STYLES)],
+                          marker="o", markersize=3, color=color, label=f"{rule} ({variant})")
+                axis.plot([chosen[key]], [chosen.val_error_mean], marker="*", markersize=13, color=color,
+                          markeredgecolor="black", linestyle="none")
+            values = here[key].dropna()
+            if pd.api.types.is_numeric_dtype(values) and (values > 0).all() and values.max() >= 4 * values.min():
+                axis.set_xscale("log")
+            axis.set_xlabel(key)
+            axis.set_ylabel("validation error (%)")
+            axis.set_title(f"{dataset} / {arch}", fontsize=10)
+            axis.grid(True, which="both", alpha=0.3)
+    entries = {}  # every group of every panel, once: a group need not appear in every panel
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[0][-1].legend(list(entries.values()), list(entries), fontsize=7, ncol=2)
+    seeds = tuning.n_seeds.max()
+    figure.suptitle(f"Tuning: validation error per swept value (mean over {seeds} seed{'s' if seeds > 1 else ''}; "
+                    "star: selected)", fontsize=11)
+    figure.tight_layout()
+    save_figure(path, figure)
+    plt.close(figure)
+
+
 def _read(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
@@ -343,6 +394,11 @@ def main(argv=None):
                                 [("angle_feedback_weight", "angle(B, W) (deg)"), ("norm_ratio", "||B|| / ||W||")],
                                 "Feedback weights against forward weights, per layer" + focus)
         gradient_norms(alignment, out / "gradient_norms.png")
+    tuning = _read(results / "tuning.csv") if (results / "tuning.csv").exists() else pd.DataFrame()
+    if tuning.empty:
+        _placeholder(out / "sensitivity.png", "No tuning in this experiment (add a tuning block to its config)")
+    else:
+        sensitivity(tuning, out / "sensitivity.png")
     if summary.get("depth") is None or summary.depth.nunique() < 2:
         _placeholder(out / "error_vs_depth.png", "This experiment has fewer than two convnet depths")
     else:

@@ -21,6 +21,7 @@ from .rules import RULES, SCALES, check_scale, get_rule
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "config.schema.yaml"
 IMAGE_SIZES = {"digits": (1, 8), "cifar10": (3, 32)}  # (channels, side); imagenet is resized
+RULE_OPTION = "rule_options."  # a sweep key naming a rule's option: rule_options.NAME
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,12 @@ class Run:
     rule: str
     variant: str
     seed: int
+    point: str = ""  # a tuning run's point of the sweep, e.g. "lr=0.05"; "" for the study's own runs
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        """What tuning selects a point for: (dataset, arch, rule, variant)."""
+        return self.dataset, self.arch, self.rule, self.variant
 
 
 class Study:
@@ -58,6 +65,12 @@ class Study:
         # A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
         self.resources.setdefault("device", "cuda" if self.resources["gpus"] > 0 else "cpu")
         self.runs = _grid(config)
+        tuning = config.get("tuning", {})
+        self.sweep: dict[str, list] = tuning.get("sweep", {})
+        self.tuning_seeds: list[int] = tuning.get("seeds", [])
+        _check_sweep(config, schema)
+        self.tuning_runs = [Run(*group, seed, point) for group in dict.fromkeys(run.group for run in self.runs)
+                            for point in self.points(group[2]) for seed in self.tuning_seeds]
         if check_models:
             self._check_models()
 
@@ -66,7 +79,39 @@ class Study:
         return cls(yaml.safe_load(Path(path).read_text()), check_models)
 
     def run_dir(self, run: Run) -> str:
+        if run.point:
+            return f"{self.group_dir(*run.group)}/{run.point}/seed{run.seed}"
         return f"{self.results}/runs/{run.dataset}/{run.arch}/{run.rule}-{run.variant}/seed{run.seed}"
+
+    def group_dir(self, dataset: str, arch: str, rule: str, variant: str) -> str:
+        """Where a group's tuning runs and its selection go."""
+        return f"{self.results}/tuning/{dataset}/{arch}/{rule}-{variant}"
+
+    def points(self, rule: str) -> list[str]:
+        """The sweep's points for a rule, as labels ("lr=0.05,momentum=0.9"): the grid of the
+        swept values, over the rule options only of rules that have them."""
+        keys = [key for key in self.sweep if _applies(key, rule)]
+        grid = itertools.product(*(self.sweep[key] for key in keys))
+        return [",".join(f"{key}={value}" for key, value in zip(keys, values)) for values in grid]
+
+    def point_values(self, point: str) -> dict:
+        """A point's label as {key: value}, each value as the config gave it."""
+        values = {}
+        for item in filter(None, point.split(",")):
+            key, _, text = item.partition("=")
+            values[key] = next(value for value in self.sweep[key] if str(value) == text)
+        return values
+
+    def tuning_results(self, dataset: str, arch: str, rule: str, variant: str) -> list[str]:
+        return [f"{self.run_dir(run)}/result.json" for run in self.tuning_runs
+                if run.group == (dataset, arch, rule, variant)]
+
+    def selection_file(self, dataset: str, arch: str, rule: str, variant: str) -> str:
+        return f"{self.group_dir(dataset, arch, rule, variant)}/selected.json"
+
+    def selection_files(self) -> list[str]:
+        return [self.selection_file(*group) for group in dict.fromkeys(run.group for run in self.runs)
+                if self.sweep]
 
     def evaluations(self) -> list[str]:
         return [f"{self.run_dir(run)}/evaluation.json" for run in self.runs]
@@ -75,23 +120,30 @@ class Study:
         # ImageNet stays in its folder; the prepare step writes a description of its splits.
         return f"{self.data_dir}/{dataset}.json" if dataset == "imagenet" else f"{self.data_dir}/{dataset}.pt"
 
-    def settings(self, dataset: str, arch: str, variant: str) -> dict:
-        """The resolved settings of a run: declared defaults < training < arch < variant."""
+    def settings(self, dataset: str, arch: str, variant: str, point: str = "") -> dict:
+        """The resolved settings of a run: declared defaults < training < arch < variant < the
+        tuning run's point."""
         arch_config = self.config["archs"][arch]
         variant_config = self.config["variants"][variant]
         training = {**settings.defaults(), **self.config["training"], **arch_config.get("training", {})}
         training.update({key: variant_config[key] for key in ("optimizer", "lr") if key in variant_config})
         augment = {**self.config["datasets"][dataset].get("augment", {}), **arch_config.get("augment", {})}
-        return dict(
+        resolved = dict(
             arch=arch_config["arch"], depth=arch_config.get("depth", 8), width=arch_config.get("width", 32),
             batch_norm=variant_config.get("batch_norm", arch_config.get("batch_norm", True)),
             scale=variant_config.get("scale", "none"), exclude=variant_config.get("exclude", []),
             constrain_weight_norm=variant_config.get("constrain_weight_norm", False),
-            rule_options=variant_config.get("rule_options", {}), **training, **augment)
+            rule_options=dict(variant_config.get("rule_options", {})), **training, **augment)
+        for key, value in self.point_values(point).items():
+            if key.startswith(RULE_OPTION):
+                resolved["rule_options"][key[len(RULE_OPTION):]] = value
+            else:
+                resolved[key] = value
+        return resolved
 
-    def train_flags(self, dataset: str, arch: str, variant: str) -> str:
+    def train_flags(self, dataset: str, arch: str, variant: str, point: str = "") -> str:
         """The train CLI's flags for a run, spelled out so the log shows the exact command."""
-        s = self.settings(dataset, arch, variant)
+        s = self.settings(dataset, arch, variant, point)
         flags = [f"--arch {s['arch']}", f"--arch-label {arch}", f"--variant {variant}",
                  f"--depth {s['depth']}", f"--width {s['width']}",
                  "--batch-norm" if s["batch_norm"] else "--no-batch-norm",
@@ -203,6 +255,44 @@ def _check_names(config: dict) -> None:
         path = config["datasets"]["imagenet"]["path"]
         if not os.path.isdir(path):
             raise ConfigError("datasets.imagenet.path", f"{path!r} does not exist or is not a directory")
+
+
+def _applies(key: str, rule: str) -> bool:
+    """Whether a sweep key is a setting of `rule`'s runs (a rule option only of rules that have it)."""
+    return not key.startswith(RULE_OPTION) or key[len(RULE_OPTION):] in {o.name for o in get_rule(rule).options}
+
+
+def _check_sweep(config: dict, schema: dict) -> None:
+    """Every swept key is a training setting or some grid rule's option, every value one it takes,
+    and no variant fixes a swept setting (the sweep would silently not apply to it)."""
+    sweep = config.get("tuning", {}).get("sweep", {})
+    rules = {rule for block in config["grid"] for rule in block["rules"]}
+    variants = {variant for block in config["grid"] for variant in block["variants"]}
+    for key, values in sweep.items():
+        where = f"tuning.sweep.{key}"
+        if key in settings.defaults():
+            validator = jsonschema.Draft202012Validator(schema["$defs"]["training"]["properties"][key])
+            for index, value in enumerate(values):
+                error = next(validator.iter_errors(value), None)
+                if error is not None:
+                    raise ConfigError(f"{where}[{index}]", error.message)
+            fixing = sorted(v for v in variants if key in config["variants"][v])
+        elif key.startswith(RULE_OPTION) and any(_applies(key, rule) for rule in rules):
+            name = key[len(RULE_OPTION):]
+            for rule in sorted(r for r in rules if _applies(key, r)):
+                option = {o.name: o for o in get_rule(rule).options}[name]
+                for index, value in enumerate(values):
+                    try:
+                        option.check(rule, value)
+                    except ValueError as error:
+                        raise ConfigError(f"{where}[{index}]", str(error)) from None
+            fixing = sorted(v for v in variants if name in config["variants"][v].get("rule_options", {}))
+        else:
+            raise ConfigError(where, "not a training setting nor an option of a rule in the grid; sweep one of "
+                              f"{', '.join(settings.defaults())} or {RULE_OPTION}NAME")
+        if fixing:
+            raise ConfigError(where, f"variant {fixing[0]!r} fixes this setting; leave it to the sweep "
+                              "or take it out of the sweep")
 
 
 def _grid(config: dict) -> list[Run]:

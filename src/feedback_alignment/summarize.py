@@ -35,6 +35,7 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
         labels = dict(dataset=config["dataset"], arch=config.get("arch_label") or config["arch"],
                       rule=config["rule"], variant=config.get("variant", "default"), seed=config["seed"])
         rows.append(dict(**labels, depth=config.get("depth") if config["arch"] == "convnet" else None,
+                         selected=config.get("selected"),
                          status=evaluation["status"], best_epoch=evaluation["best_epoch"],
                          test_error_top1=evaluation["test_error_top1"],
                          test_error_top5=evaluation.get("test_error_top5")))
@@ -86,10 +87,62 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
                        test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
         return pd.Series(out)
     summary = runs.groupby(KEYS, sort=False, dropna=False).apply(aggregate, include_groups=False).reset_index()
-    depths = runs.groupby(KEYS, sort=False)["depth"].first().reset_index()
-    summary = summary.merge(depths, on=KEYS, how="left")
+    # The depth of a convnet, and the point of the sweep tuning selected (e.g. lr=0.05; empty untuned).
+    labels = runs.groupby(KEYS, sort=False)[["depth", "selected"]].first().reset_index()
+    summary = summary.merge(labels, on=KEYS, how="left")
     summary[["n_seeds", "n_diverged"]] = summary[["n_seeds", "n_diverged"]].astype(int)
     return summary
+
+
+def compare_to_backprop(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each rule's test error minus backprop's on the same dataset, arch and seed, paired over
+    seeds: mean difference, its 95% t interval and the two-sided paired t-test's p-value (NaN
+    with fewer than two pairs). Backprop is the bp runs of the same variant where there are
+    some, else of bp's first variant."""
+    from scipy import stats
+
+    rows = []
+    errors = runs.dropna(subset=["test_error_top1"])
+    for (dataset, arch, rule, variant), group in errors.groupby(KEYS, sort=False):
+        backprop = errors[(errors.dataset == dataset) & (errors.arch == arch) & (errors.rule == "bp")]
+        if rule == "bp" or backprop.empty:
+            continue
+        baseline = variant if variant in set(backprop.variant) else backprop.variant.iloc[0]
+        pairs = group.merge(backprop[backprop.variant == baseline], on="seed", suffixes=("", "_bp"))
+        diff = (pairs.test_error_top1 - pairs.test_error_top1_bp).to_numpy()
+        n, mean = len(diff), diff.mean() if len(diff) else float("nan")
+        low = high = p_value = float("nan")
+        if n > 1:
+            sem = diff.std(ddof=1) / n ** 0.5
+            half = stats.t.ppf(0.975, n - 1) * sem
+            low, high = mean - half, mean + half
+            p_value = float(stats.ttest_rel(pairs.test_error_top1, pairs.test_error_top1_bp).pvalue) if sem > 0 \
+                else float(mean == 0)
+        rows.append(dict(dataset=dataset, arch=arch, rule=rule, variant=variant, baseline_variant=baseline,
+                         n_pairs=n, diff_mean=mean, ci_low=low, ci_high=high, p_value=p_value))
+    return pd.DataFrame(rows, columns=["dataset", "arch", "rule", "variant", "baseline_variant", "n_pairs",
+                                       "diff_mean", "ci_low", "ci_high", "p_value"])
+
+
+def tuning_table(selections: list[Path]) -> pd.DataFrame:
+    """Every group's tuning table (selected.json), one column per swept key."""
+    frames = []
+    for path in selections:
+        selection = json.loads(path.read_text())
+        table = pd.DataFrame(selection["table"])
+        swept = pd.DataFrame([{key: _number_or_text(text) for key, _, text in
+                               (item.partition("=") for item in point.split(","))} for point in table.point])
+        frames.append(pd.concat([pd.DataFrame([selection["group"]] * len(table)), swept,
+                                 table.drop(columns="point")], axis=1))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=[*KEYS, "n_seeds", "val_error_mean", "val_error_std", "selected"])
+
+
+def _number_or_text(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def main(argv=None):
@@ -98,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--runs", required=True, nargs="+",
                         help="evaluation.json files, or folders searched for them")
     parser.add_argument("--out", required=True, help="folder for summary.csv, runs.csv and histories.csv")
+    parser.add_argument("--tuning", nargs="*", default=[], help="selected.json of each tuned group")
     args = parser.parse_args(argv)
     try:
         runs, history, alignment = load_runs([Path(p) for p in args.runs])
@@ -112,6 +166,8 @@ def main(argv=None):
     write_csv(out / "alignment.csv", alignment)
     write_csv(out / "references.csv", reference)
     write_csv(out / "vs_reference.csv", versus_reference(summary, reference))
+    write_csv(out / "comparisons.csv", compare_to_backprop(runs))
+    write_csv(out / "tuning.csv", tuning_table([Path(p) for p in args.tuning]))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import alignment, settings
+from . import alignment, settings, tuning
 from . import data as datasets
 from .checkpoint import TrainState, resume, save_checkpoint
 from .convert import after_step
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"{rule}: " + ", ".join(f"{o.name} (default {o.default}: {o.help})" for o in get_rule(rule).options)
             for rule in RULES if get_rule(rule).options))
     add("--workers", type=int, default=None, help="imagenet DataLoader workers (default: threads)")
+    add("--selected", default=None, metavar="SELECTED_JSON",
+        help="a tuning selection (python -m feedback_alignment select): train at its point, or take the "
+             "results of its tuning run of this seed and settings where there is one")
     return p
 
 
@@ -156,15 +159,19 @@ class Training:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuning_runs = tuning.apply_selection(args) if args.selected else []
     world, device_name = init_world(args.device, args.batch_size, args.dist_backend)
     try:
-        return _run(args, world, device_name)
+        return _run(args, world, device_name, tuning_runs)
     finally:
         close_world(world)
 
 
-def _run(args, world: World, device_name: str) -> dict:
+def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
     t = setup(args, world, device_name)
+    reused = tuning.reuse(t.config, tuning_runs, t.out, copy=world.is_main)
+    if reused is not None:  # a tuning run trained this one already
+        return finish(t, reused)
     if t.checkpoint_path.is_file():
         t.state = resume(t.checkpoint_path, t.config, t.model, t.optimizer, t.device)
         if world.is_main:
@@ -179,10 +186,13 @@ def _run(args, world: World, device_name: str) -> dict:
         while t.state.epoch < args.epochs and diverged_at is None:
             diverged_at = train_epoch(t, progress)
     write_tables(t)  # again: a diverged or empty run still gets its (possibly empty) history
-    result = run_result(t, diverged_at)
-    if world.is_main:
+    return finish(t, run_result(t, diverged_at))
+
+
+def finish(t: Training, result: dict) -> dict:
+    if t.world.is_main:
         write_json(t.out / "result.json", result)
-    world.barrier()
+    t.world.barrier()
     if t.gpu_lock is not None:
         t.gpu_lock.close()
     return result
@@ -372,7 +382,8 @@ def main(argv=None):
         result = run(args)
     except (datasets.DataError, ValueError, FileNotFoundError) as error:
         sys.exit(f"train: {error}")
-    print(f"{args.out}: {result['status']}, best val error {result['best_val_error']}", file=sys.stderr)
+    reused = f" (the results of tuning run {result['reused_from']}, not trained again)" if "reused_from" in result else ""
+    print(f"{args.out}: {result['status']}, best val error {result['best_val_error']}{reused}", file=sys.stderr)
 
 
 if __name__ == "__main__":

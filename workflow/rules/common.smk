@@ -36,3 +36,17 @@ def prepare_flags(wildcards):
 
 def data_file(wildcards):
     return STUDY.data_file(wildcards.dataset)
+
+
+def tuning_flags(wildcards):
+    return STUDY.train_flags(wildcards.dataset, wildcards.arch, wildcards.variant, wildcards.point)
+
+
+def tuning_results(wildcards):
+    return STUDY.tuning_results(wildcards.dataset, wildcards.arch, wildcards.learning_rule, wildcards.variant)
+
+
+def selection_file(wildcards):
+    if not STUDY.sweep:
+        return []
+    return STUDY.selection_file(wildcards.dataset, wildcards.arch, wildcards.learning_rule, wildcards.variant)

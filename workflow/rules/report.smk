@@ -4,13 +4,16 @@ localrules: summarize, figures
 
 rule summarize:
     input:
-        STUDY.evaluations(),
+        evaluations=STUDY.evaluations(),
+        tuning=STUDY.selection_files(),
     output:
         summary=report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Tables"),
         runs=f"{RESULTS}/runs.csv",
         histories=f"{RESULTS}/histories.csv",
         alignment=f"{RESULTS}/alignment.csv",
         references=f"{RESULTS}/references.csv",
+        comparisons=report(f"{RESULTS}/comparisons.csv", caption="../report/comparisons.rst", category="Tables"),
+        tuning=report(f"{RESULTS}/tuning.csv", caption="../report/tuning.rst", category="Tables"),
         vs_reference=report(f"{RESULTS}/vs_reference.csv", caption="../report/vs_reference.rst",
                             category="Tables"),
     log:
@@ -18,7 +21,8 @@ rule summarize:
     conda:
         "../envs/feedback-alignment.yaml"
     shell:
-        "python -m feedback_alignment summarize --runs {input} --out $(dirname {output.summary}) > {log} 2>&1"
+        "python -m feedback_alignment summarize --runs {input.evaluations} --tuning {input.tuning} "
+        "--out $(dirname {output.summary}) > {log} 2>&1"
 
 
 rule figures:
@@ -35,6 +39,8 @@ rule figures:
                         caption="../report/feedback_alignment.rst", category="Figures"),
         gradient_norms=report(f"{RESULTS}/figures/gradient_norms.png",
                               caption="../report/gradient_norms.rst", category="Figures"),
+        sensitivity=report(f"{RESULTS}/figures/sensitivity.png",
+                           caption="../report/sensitivity.rst", category="Figures"),
         depth=report(f"{RESULTS}/figures/error_vs_depth.png",
                      caption="../report/error_vs_depth.rst", category="Figures"),
     log:

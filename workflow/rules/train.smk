@@ -10,11 +10,13 @@ wildcard_constraints:
     variant="[A-Za-z0-9_.]+",
     seed=r"\d+",
     arch="[A-Za-z0-9_.-]+",
+    point="[A-Za-z0-9_.=,+-]+",
 
 
 rule train:
     input:
         data=data_file,
+        selection=selection_file,  # the point tuning selected; nothing in a study without tuning
     output:
         result=f"{RUN}/result.json",
         history=f"{RUN}/history.csv",
@@ -22,6 +24,7 @@ rule train:
         flags=train_flags,
         launcher=STUDY.launcher(),
         device=RESOURCES["device"],
+        selected=lambda wildcards, input: f"--selected {input.selection}" if input.selection else "",
     threads: RESOURCES["threads"]
     resources:
         mem_mb=RESOURCES["mem_mb"],
@@ -36,7 +39,7 @@ rule train:
         "../envs/feedback-alignment.yaml"
     shell:
         "{params.launcher} --dataset {wildcards.dataset} --data {input.data} "
-        "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} "
+        "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} {params.selected} "
         "--device {params.device} --out $(dirname {output.result}) > {log} 2>&1"
 
 
