@@ -99,7 +99,9 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     config["datasets"]["imagenet"]["path"] = str(imagenet)
     path = write_config(tmp_path, config, "imagenet.yaml")
     process = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
-    assert job_counts(process.stdout)["train"] == 69 and "prepare_imagenet" in process.stdout
+    counts = job_counts(process.stdout)
+    assert counts["train"] == 69 and "prepare_imagenet" in process.stdout
+    assert "train_tuning" not in counts  # its tuning: null drops the default study's tuning block
     # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them,
     # each with the config's DataLoader workers.
     assert ("torchrun --standalone --nproc-per-node 8 -m feedback_alignment train --threads 8 --workers 8 "
@@ -126,7 +128,7 @@ def test_slurm_profile_plans_the_grid(tmp_path):
                         "--configfile", str(REPO / "config" / "cifar10.yaml"))
     out = process.stdout
     counts = job_counts(out)
-    assert counts["train"] == 207 and counts["evaluate"] == 207
+    assert counts["train"] == 207 and counts["evaluate"] == 207 and counts["train_tuning"] == 69 * 4
     assert "gpu=1" in out and "slurm_partition=gpu" in out
     assert "gpu_model" not in out.replace("gpu_model=,", "")  # none set: any GPU
     assert "slurm_extra=--signal=USR1@300" in out  # the warning before the time limit

@@ -65,7 +65,7 @@ class Study:
         # A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
         self.resources.setdefault("device", "cuda" if self.resources["gpus"] > 0 else "cpu")
         self.runs = _grid(config)
-        tuning = config.get("tuning", {})
+        tuning = config.get("tuning") or {}
         self.sweep: dict[str, list] = tuning.get("sweep", {})
         self.tuning_seeds: list[int] = tuning.get("seeds", [])
         _check_sweep(config, schema)
@@ -265,7 +265,7 @@ def _applies(key: str, rule: str) -> bool:
 def _check_sweep(config: dict, schema: dict) -> None:
     """Every swept key is a training setting or some grid rule's option, every value one it takes,
     and no variant fixes a swept setting (the sweep would silently not apply to it)."""
-    sweep = config.get("tuning", {}).get("sweep", {})
+    sweep = (config.get("tuning") or {}).get("sweep", {})
     rules = {rule for block in config["grid"] for rule in block["rules"]}
     variants = {variant for block in config["grid"] for variant in block["variants"]}
     for key, values in sweep.items():
