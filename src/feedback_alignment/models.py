@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -126,6 +125,10 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
         return Arch1(num_classes, in_channels, image_size, batch_norm)
     if arch in CIFAR_RESNET_DEPTHS:
         return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes, in_channels, batch_norm)
+    # Imported here: torchvision's import pulls in torch's compiler stack (about 2 s), which a
+    # job training one of the models above never needs.
+    import torchvision
+
     if arch in torchvision.models.list_models(module=torchvision.models):
         if in_channels != 3:
             raise ValueError(f"torchvision model {arch!r} needs 3 input channels, data has {in_channels}")
