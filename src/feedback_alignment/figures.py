@@ -300,7 +300,7 @@ def sensitivity(tuning: pd.DataFrame, path: Path) -> None:
     keys = [column for column in tuning.columns if column not in TUNING_COLUMNS]
     panels = tuning[["dataset", "arch"]].drop_duplicates().values.tolist()
     variants = list(tuning.variant.drop_duplicates())
-    figure, axes = plt.subplots(len(panels), len(keys), squeeze=False, figsize=(5.0 * len(keys), 3.8 * len(panels)))
+    figure, axes = plt.subplots(len(panels), len(keys), squeeze=False, figsize=(2.0 + 5.0 * len(keys), 4.2 * len(panels)))
     for row, (dataset, arch) in enumerate(panels):
         here = tuning[(tuning.dataset == dataset) & (tuning.arch == arch)]
         for column, key in enumerate(keys):
@@ -320,17 +320,23 @@ def sensitivity(tuning: pd.DataFrame, path: Path) -> None:
                 axis.plot([chosen[key]], [chosen.val_error_mean], marker="*", markersize=13, color=color,
                           markeredgecolor="black", linestyle="none")
             values = here[key].dropna()
-            if pd.api.types.is_numeric_dtype(values) and (values > 0).all() and values.max() >= 4 * values.min():
-                axis.set_xscale("log")
+            if pd.api.types.is_numeric_dtype(values):
+                if (values > 0).all() and values.max() >= 4 * values.min():
+                    axis.set_xscale("log")
+                axis.set_xticks(sorted(values.unique()), [f"{v:g}" for v in sorted(values.unique())])
+                axis.minorticks_off()
+            axis.set_yscale("log")
+            for axis_format in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+                axis_format(matplotlib.ticker.FormatStrFormatter("%g"))
             axis.set_xlabel(key)
-            axis.set_ylabel("validation error (%)")
+            axis.set_ylabel("validation error (%, log scale)")
             axis.set_title(f"{dataset} / {arch}", fontsize=10)
             axis.grid(True, which="both", alpha=0.3)
     entries = {}  # every group of every panel, once: a group need not appear in every panel
     for axis in axes.flat:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    axes[0][-1].legend(list(entries.values()), list(entries), fontsize=7, ncol=2)
+    axes[0][-1].legend(list(entries.values()), list(entries), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     seeds = tuning.n_seeds.max()
     figure.suptitle(f"Tuning: validation error per swept value (mean over {seeds} seed{'s' if seeds > 1 else ''}; "
                     "star: selected)", fontsize=11)

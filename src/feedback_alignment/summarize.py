@@ -97,7 +97,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 def compare_to_backprop(runs: pd.DataFrame) -> pd.DataFrame:
     """Each rule's test error minus backprop's on the same dataset, arch and seed, paired over
     seeds: mean difference, its 95% t interval and the two-sided paired t-test's p-value (NaN
-    with fewer than two pairs). Backprop is the bp runs of the same variant where there are
+    with fewer than two pairs; where every pair differs by the same amount, the interval is that
+    amount and p is 0, or 1 if the amount is 0). Backprop is the bp runs of the same variant where there are
     some, else of bp's first variant."""
     from scipy import stats
 
