@@ -193,3 +193,13 @@ def test_tuning_trains_every_point_with_the_tuning_seeds_rule_options_only_where
 def test_a_study_without_tuning_has_no_tuning_runs():
     study = Study(TINY)
     assert study.tuning_runs == [] and study.selection_files() == [] and study.points("bp") == [""]
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "depth.yaml", "imagenet.yaml"])
+def test_no_setting_of_a_shipped_study_comes_from_the_default_studys_config(name):
+    # Snakemake merges a --configfile into config/config.yaml key by key: whatever the default
+    # study sets and this one does not, this one would inherit (ImageNet probed alignment every
+    # 20 steps that way).
+    default, study = shipped("config.yaml"), shipped(name)
+    assert set(default["training"]) - set(study["training"]) == set()
+    assert {key for key in default if key not in ("datasets", "archs", "variants")} <= set(study)
