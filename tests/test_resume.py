@@ -77,11 +77,12 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(digits, straight_run,
     assert not list(out.glob(".*.tmp"))
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits, straight_run, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # preemption; SLURM's time-limit warning
+def test_a_stop_signal_checkpoints_mid_epoch_and_resumes_exactly(signum, digits, straight_run, tmp_path):
     out = tmp_path / "run"
-    returncode, stderr = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM, 0.05)
+    returncode, stderr = interrupt_after_first_epoch(train_command(digits, out), out, signum, 0.05)
     assert returncode == 1
-    assert "train: SIGTERM at epoch" in stderr and "rerun to resume" in stderr
+    assert f"train: {signal.Signals(signum).name} at epoch" in stderr and "rerun to resume" in stderr
     assert "Traceback" not in stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["batches"] is not None and state["batches"]["next"] > 0  # mid-epoch
