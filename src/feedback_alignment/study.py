@@ -18,10 +18,10 @@ import yaml
 
 from . import settings
 from .rules import RULES, SCALES, check_scale, get_rule
+from .tuning import RULE_OPTION, point_items, point_label
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "config.schema.yaml"
 IMAGE_SIZES = {"digits": (1, 8), "cifar10": (3, 32)}  # (channels, side); imagenet is resized
-RULE_OPTION = "rule_options."  # a sweep key naming a rule's option: rule_options.NAME
 
 
 class ConfigError(ValueError):
@@ -65,11 +65,12 @@ class Study:
         # A job given GPUs trains on CUDA or stops; it never falls back to the CPU by itself.
         self.resources.setdefault("device", "cuda" if self.resources["gpus"] > 0 else "cpu")
         self.runs = _grid(config)
+        self.groups = list(dict.fromkeys(run.group for run in self.runs))  # what tuning selects for
         tuning = config.get("tuning") or {}
         self.sweep: dict[str, list] = tuning.get("sweep", {})
         self.tuning_seeds: list[int] = tuning.get("seeds", [])
         _check_sweep(config, schema)
-        self.tuning_runs = [Run(*group, seed, point) for group in dict.fromkeys(run.group for run in self.runs)
+        self.tuning_runs = [Run(*group, seed, point) for group in self.groups
                             for point in self.points(group[2]) for seed in self.tuning_seeds]
         if check_models:
             self._check_models()
@@ -92,15 +93,12 @@ class Study:
         swept values, over the rule options only of rules that have them."""
         keys = [key for key in self.sweep if _applies(key, rule)]
         grid = itertools.product(*(self.sweep[key] for key in keys))
-        return [",".join(f"{key}={value}" for key, value in zip(keys, values)) for values in grid]
+        return [point_label(zip(keys, values)) for values in grid]
 
     def point_values(self, point: str) -> dict:
         """A point's label as {key: value}, each value as the config gave it."""
-        values = {}
-        for item in filter(None, point.split(",")):
-            key, _, text = item.partition("=")
-            values[key] = next(value for value in self.sweep[key] if str(value) == text)
-        return values
+        return {key: next(value for value in self.sweep[key] if str(value) == text)
+                for key, text in point_items(point)}
 
     def tuning_results(self, dataset: str, arch: str, rule: str, variant: str) -> list[str]:
         return [f"{self.run_dir(run)}/result.json" for run in self.tuning_runs
@@ -110,8 +108,7 @@ class Study:
         return f"{self.group_dir(dataset, arch, rule, variant)}/selected.json"
 
     def selection_files(self) -> list[str]:
-        return [self.selection_file(*group) for group in dict.fromkeys(run.group for run in self.runs)
-                if self.sweep]
+        return [self.selection_file(*group) for group in self.groups] if self.sweep else []
 
     def evaluations(self) -> list[str]:
         return [f"{self.run_dir(run)}/evaluation.json" for run in self.runs]

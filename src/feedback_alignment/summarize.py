@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .provenance import write_csv
+from .tuning import point_items
 
 KEYS = ["dataset", "arch", "rule", "variant"]
 
@@ -131,8 +132,8 @@ def tuning_table(selections: list[Path]) -> pd.DataFrame:
     for path in selections:
         selection = json.loads(path.read_text())
         table = pd.DataFrame(selection["table"])
-        swept = pd.DataFrame([{key: _number_or_text(text) for key, _, text in
-                               (item.partition("=") for item in point.split(","))} for point in table.point])
+        swept = pd.DataFrame([{key: _number_or_text(text) for key, text in point_items(point)}
+                              for point in table.point])
         frames.append(pd.concat([pd.DataFrame([selection["group"]] * len(table)), swept,
                                  table.drop(columns="point")], axis=1))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(

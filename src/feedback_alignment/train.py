@@ -168,10 +168,11 @@ def run(args) -> dict:
 
 
 def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
-    t = setup(args, world, device_name)
-    reused = tuning.reuse(t.config, tuning_runs, t.out, copy=world.is_main)
-    if reused is not None:  # a tuning run trained this one already
-        return finish(t, reused)
+    config = run_config(args)
+    reused = tuning.reuse(config, tuning_runs, Path(args.out), copy=world.is_main)
+    if reused is not None:  # a tuning run trained this one already: no device, data or model needed
+        return finish(world, Path(args.out), reused)
+    t = setup(args, config, world, device_name)
     if t.checkpoint_path.is_file():
         t.state = resume(t.checkpoint_path, t.config, t.model, t.optimizer, t.device)
         if world.is_main:
@@ -186,16 +187,29 @@ def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
         while t.state.epoch < args.epochs and diverged_at is None:
             diverged_at = train_epoch(t, progress)
     write_tables(t)  # again: a diverged or empty run still gets its (possibly empty) history
-    return finish(t, run_result(t, diverged_at))
-
-
-def finish(t: Training, result: dict) -> dict:
-    if t.world.is_main:
-        write_json(t.out / "result.json", result)
-    t.world.barrier()
+    result = finish(world, t.out, run_result(t, diverged_at))
     if t.gpu_lock is not None:
         t.gpu_lock.close()
     return result
+
+
+def finish(world: World, out: Path, result: dict) -> dict:
+    """result.json, written by rank 0; every rank leaves once it is there."""
+    if world.is_main:
+        write_json(out / "result.json", result)
+    world.barrier()
+    return result
+
+
+def run_config(args) -> dict:
+    """The run's resolved config, recorded in its checkpoint and result: the flags, with the
+    architecture's label and the rule's options (checked, defaults filled in)."""
+    if args.runs_per_gpu < 1:
+        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu} must be at least 1")
+    config = {key: value for key, value in vars(args).items() if key not in ("command", "rule_option")}
+    config["arch_label"] = args.arch_label or args.arch
+    config["rule_options"] = parse_rule_options(args.rule, args.rule_option)
+    return config
 
 
 def claim_device(device_name: str, runs_per_gpu: int, world: World):
@@ -208,17 +222,12 @@ def claim_device(device_name: str, runs_per_gpu: int, world: World):
     return torch.device("cuda", index), lock
 
 
-def setup(args, world: World, device_name: str) -> Training:
+def setup(args, config: dict, world: World, device_name: str) -> Training:
     """Everything a run needs, checked before anything is written: a refused run leaves nothing."""
-    if args.runs_per_gpu < 1:
-        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu} must be at least 1")
     device, gpu_lock = claim_device(device_name, args.runs_per_gpu, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    config = {key: value for key, value in vars(args).items() if key not in ("command", "rule_option")}
-    config["arch_label"] = args.arch_label or args.arch
-    config["rule_options"] = parse_rule_options(args.rule, args.rule_option)
     loaders = make_loaders(config, device, world)
     if loaders.train_batches_per_epoch() == 0:
         raise ValueError(f"no training batch: the {args.dataset} training split is smaller than "

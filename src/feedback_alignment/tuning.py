@@ -24,15 +24,24 @@ import pandas as pd
 from .checkpoint import semantic_config
 from .provenance import write_json
 
-RULE_OPTION = "rule_options."
+RULE_OPTION = "rule_options."  # a sweep key naming a rule's option: rule_options.NAME
 REUSED_FILES = ("history.csv", "alignment.csv", "best.pt")
+
+
+def point_label(items) -> str:
+    """A point of the sweep as its label, the tuning run's directory name: "lr=0.05,momentum=0.9"."""
+    return ",".join(f"{key}={value}" for key, value in items)
+
+
+def point_items(point: str) -> list[tuple[str, str]]:
+    """A point's label as (key, value as text) pairs; none for "" (an untuned run)."""
+    return [(key, text) for key, _, text in (item.partition("=") for item in filter(None, point.split(",")))]
 
 
 def point_settings(point: str, config: dict) -> dict:
     """The typed values of a point's keys, read from the config of a run trained there."""
     values = {}
-    for item in filter(None, point.split(",")):
-        key = item.partition("=")[0]
+    for key, _ in point_items(point):
         if key.startswith(RULE_OPTION):
             values[key] = config["rule_options"][key[len(RULE_OPTION):]]
         else:
@@ -97,6 +106,7 @@ def reuse(config: dict, tuning_runs: list[str], out: Path, copy: bool = True) ->
         if {k: v for k, v in semantic_config(result["config"]).items() if k != "selected"} != ours:
             continue
         if copy:
+            out.mkdir(parents=True, exist_ok=True)
             for name in REUSED_FILES:
                 if (run / name).is_file():
                     shutil.copyfile(run / name, out / name)
