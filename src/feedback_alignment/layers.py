@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import draws, refresh
+from . import draws, refresh, regularizers
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
 from .functions import ConvArgs, FeedbackConvFunction, FeedbackLinearFunction, saved_tensors_alive
 from .rules import Rule, check_scale, default_init_bound, get_rule
@@ -112,9 +112,10 @@ class FeedbackLayer:
                 self.register_buffer("feedback_magnitude", torch.empty_like(weight))
             self.register_buffer("feedback_direction", torch.empty_like(weight))
             self.register_buffer("feedback_gain", torch.ones((), dtype=weight.dtype, device=weight.device))
-            if self.rule.learning == "gradient":  # trained by the optimizer, beside W
+            if self.rule.learns_by_optimizer:  # trained by the optimizer, beside W
                 self.feedback_direction = nn.Parameter(self._buffers.pop("feedback_direction"))
-                self.feedback_direction._kolen_pollack_feedback = True
+                if self.rule.learning == "gradient":
+                    self.feedback_direction._kolen_pollack_feedback = True
             if self.rule.fixed_direction and self.rule.scalable:  # one norm per step, not two
                 self.register_buffer("feedback_direction_norm", torch.empty((), dtype=weight.dtype,
                                                                             device=weight.device))
@@ -196,7 +197,7 @@ class FeedbackLayer:
     def _prepare_feedback(self, weight: Tensor) -> None:
         """Before a forward that records gradients through the layer: B up to date for `weight`."""
         self._draws_if_materialized(weight)
-        if self.rule.learning == "gradient":
+        if self.rule.learns_by_optimizer:
             self._check_feedback_is_stepped(weight)
         # Under torch.func transforms state cannot change (no draws, no buffer writes): those
         # forwards use B as the latest eager forward left it.
@@ -247,13 +248,13 @@ class FeedbackLayer:
         """For code that changes B in place outside refresh_feedback_ (weight mirrors)."""
         self._copy_for_pending_backward(direction=True, gain=True)
 
-    # -- Kolen-Pollack's B must be stepped by the optimizer -----------------------------------
+    # -- a learned B (kp, sa, aa, ia) must be stepped by the optimizer -------------------------
     _feedback_versions: tuple[int, int] | None = None
 
     def _check_feedback_is_stepped(self, weight: Tensor) -> None:
-        """Kolen-Pollack gives B W's gradient; an optimizer that moves W but was built without B
-        (before convert) leaves B where it is, and the rule silently becomes fa. Between two
-        training forwards W moved and B did not: say so, once per model."""
+        """Kolen-Pollack and the alignment regularisers give B a gradient; an optimizer that moves
+        W but was built without B (before convert) leaves B where it is, and the rule silently
+        becomes fa. Between two training forwards W moved and B did not: say so, once per model."""
         direction = self.feedback_direction
         if torch.compiler.is_compiling() or not direction.requires_grad:
             return
@@ -263,7 +264,7 @@ class FeedbackLayer:
         if before is None or "kp-unstepped" in warned or now[0] == before[0] or now[1] != before[1]:
             return
         warned.add("kp-unstepped")
-        warnings.warn(f"kp layer {self.layer_name!r}: W moved but its B did not; Kolen-Pollack's B "
+        warnings.warn(f"{self.rule.name} layer {self.layer_name!r}: W moved but its B did not; a learned B "
                       "learns only if the optimizer steps it too: build the optimizer after fa.convert",
                       RuntimeWarning, stacklevel=4)
 
@@ -289,12 +290,17 @@ class FeedbackLayer:
         if not torch.is_grad_enabled():
             return super().forward(input, *args, **kwargs)
         weight = self.weight  # made once per forward, by the parametrization if there is one
-        if not (input.requires_grad or weight.requires_grad):
+        if not (input.requires_grad or weight.requires_grad or self._feedback_learns()):
             return super().forward(input, *args, **kwargs)
         self._prepare_feedback(weight)
         if self.rule.write_feedback is None or self._exact_backprop:
             return super().forward(input, *args, **kwargs)
         return self._forward_through_feedback(input, weight, *args, **kwargs)
+
+    def _feedback_learns(self) -> bool:
+        """Whether this forward teaches B (an alignment regulariser reads the layer's data even
+        where neither the input nor W needs a gradient)."""
+        return self.rule.learning == "regularizer" and self.feedback_direction.requires_grad
 
     def _forward_through_feedback(self, input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
         raise NotImplementedError  # each layer type says how it calls the Function
@@ -328,10 +334,11 @@ class FeedbackLayer:
             return DirectFeedbackFunction.apply(input, weight, bias, feedback, self.direct_source.current,
                                                 self.layer_name, conv, pad)
         gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
+        terms = None if self.rule.regularizer is None else regularizers.terms(self.rule.regularizer, self.rule_options)
         if conv is None:
-            output = FeedbackLinearFunction.apply(input, weight, bias, feedback, gain)
+            output = FeedbackLinearFunction.apply(input, weight, bias, feedback, gain, terms)
         else:
-            output = FeedbackConvFunction.apply(input, weight, bias, feedback, gain, conv)
+            output = FeedbackConvFunction.apply(input, weight, bias, feedback, gain, conv, terms)
         self._note_pending_backward(output)
         return output
 

@@ -78,8 +78,10 @@ class Rule:
     # backprop; "direct" - the output error through the layer's own fixed random matrix (DFA).
     signal: str = "layer"
     # How B learns, if it does: "gradient" - B is a Parameter given W's gradient, so that the
-    # optimizer applies W's update and weight decay to it (Kolen-Pollack); "mirror" - B learns
-    # from noise sent through the layer between training steps (weight mirrors, mirror.py).
+    # optimizer applies W's update and weight decay to it (Kolen-Pollack); "regularizer" - B is
+    # a Parameter given the gradient of a regulariser R(B) on the training batch (Kunin et al.,
+    # regularizers.py); "mirror" - B learns from noise sent through the layer between training
+    # steps (weight mirrors, mirror.py).
     learning: str | None = None
     description: str = ""
     # The rule's own settings; `convert(model, rule, **options)` checks and stores them.
@@ -87,6 +89,8 @@ class Rule:
     # Work between training steps, after the optimizer's step number `step` (from 1):
     # after_step(model, step, options). Weight mirrors run their mirror phase here.
     after_step: Callable[..., None] | None = None
+    # Under learning "regularizer": which primitive of regularizers.py each option weighs.
+    regularizer: dict[str, str] | None = None
 
     def resolve_options(self, given: dict) -> dict:
         """Every option's value: `given` (checked: names and values) over the defaults."""
@@ -96,6 +100,11 @@ class Rule:
                 takes = f"takes {', '.join(known)}" if known else "takes no options"
                 raise ValueError(f"rule {self.name!r} has no option {name!r}; it {takes}")
         return {name: option.check(self.name, given.get(name, option.default)) for name, option in known.items()}
+
+    @property
+    def learns_by_optimizer(self) -> bool:
+        """Whether B is a Parameter that the optimizer steps (kp, sa, aa, ia)."""
+        return self.learning in ("gradient", "regularizer")
 
     @property
     def scalable(self) -> bool:
@@ -143,6 +152,14 @@ def _mirror_phase(model, step: int, options: dict) -> None:
         mirror_step(model, options["lr"], options["decay"], options["batch"])
 
 
+def _coefficients(**defaults: float) -> tuple[Option, ...]:
+    """The coefficients of R's terms (the reference implementation's defaults), and one factor on
+    all of them: it keeps R's minimum (where B goes) and sets how fast B gets there."""
+    return tuple(Option(name, value, "coefficient of its term of R (regularizers.py)", minimum=0.0)
+                 for name, value in defaults.items()) + (
+        Option("strength", 1.0, "factor on every coefficient: the same fixed point, reached faster", minimum=0.0),)
+
+
 _REGISTRY: dict[str, Rule] = {
     rule.name: rule
     for rule in (
@@ -177,6 +194,23 @@ _REGISTRY: dict[str, Rule] = {
                                           "linear layers get as many noise vectors as that makes)", minimum=1),
                       Option("every", 1, "training steps between mirror phases", minimum=1)),
              after_step=_mirror_phase),
+        # Kunin et al. 2020: B starts random and learns from a regulariser on the training batch.
+        Rule("sa", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             learning="regularizer", regularizer={"alpha": "decay", "beta": "self"},
+             description="symmetric alignment: R = alpha (||W||^2 + ||B||^2) - beta <W, B> pulls B "
+                         "to W (Kunin et al. 2020)",
+             options=_coefficients(alpha=1e-3, beta=2e-3)),
+        Rule("aa", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             learning="regularizer", regularizer={"alpha": "sparse", "beta": "amp"},
+             description="activation alignment: R = alpha (||r||^2 + ||s||^2) - beta <r, s> makes B "
+                         "act like W on the data (Kunin et al. 2020)",
+             options=_coefficients(alpha=1e-3, beta=2e-3)),
+        Rule("ia", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
+             learning="regularizer", regularizer={"alpha": "amp", "beta": "null", "gamma": "decay"},
+             description="information alignment: R = -alpha <r, s> + beta ||r B||^2 + gamma "
+                         "(||W||^2 + ||B||^2) makes B a ridge decoder of the input from the output "
+                         "(Kunin et al. 2020)",
+             options=_coefficients(alpha=2e-3, beta=1e-3, gamma=1e-3)),
     )
 }
 

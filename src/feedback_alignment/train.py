@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import alignment, settings, tuning
 from . import data as datasets
 from .checkpoint import TrainState, resume, save_checkpoint
-from .convert import after_step
+from .convert import after_step, feedback_layers
 from .distributed import BACKENDS, World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .optim import BatchManhattan
 from .provenance import provenance, torch_save, write_csv, write_json
@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 def lr_at(epoch: int, base_lr: float, milestones, gamma: float) -> float:
     """Step schedule: base_lr * gamma^(number of milestones passed)."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """The model's Parameters for the optimizer: a B learned from an alignment regulariser
+    (sa, aa, ia) in a group without weight decay, as R's own decay term is B's weight decay;
+    everything else (kp's B included: its rule is W's update and decay) in the other."""
+    regularized = {id(layer.feedback_direction) for _, layer in feedback_layers(model)
+                   if layer.rule.learning == "regularizer"}
+    plain = [p for p in model.parameters() if id(p) not in regularized]
+    learned = [p for p in model.parameters() if id(p) in regularized]
+    return [{"params": plain}] + ([{"params": learned, "weight_decay": 0.0}] if learned else [])
 
 
 def build_optimizer(name, parameters, lr, momentum, weight_decay):
@@ -238,8 +249,8 @@ def setup(args, config: dict, world: World, device_name: str) -> Training:
         # Batch statistics over the global batch, as in the single-process run. (gloo on CPU has
         # no SyncBatchNorm: there each rank normalizes over its share.)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # Built after conversion: under kp the optimizer also trains B (a Parameter there).
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay)
+    # Built after conversion: under kp, sa, aa and ia the optimizer also trains B (a Parameter there).
+    optimizer = build_optimizer(args.optimizer, parameter_groups(model), args.lr, args.momentum, args.weight_decay)
     forward, compiled = wrap_model(model, args.compile, world, device)
     probe = loaders.probe_batch(args.alignment_batch) if args.alignment_every > 0 else None
     training = Training(args, config, Path(args.out), world, device, resolve_precision(args.precision, device),
