@@ -78,32 +78,41 @@ RANK_SCRIPT = textwrap.dedent("""
     from feedback_alignment.models import build_model
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(100 + rank)  # different global RNG state per rank: B must not depend on it
-    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8)
-    fa.convert(model, rule=sys.argv[1], scale=sys.argv[3], seed=7)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(rank)  # each rank its own data
-    for _ in range(3):
-        images = torch.randn(4, 3, 8, 8, generator=generator)
-        labels = torch.randint(0, 10, (4,), generator=generator)
-        optimizer.zero_grad()
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-        fa.mirror.mirror_step(model.module)  # wm: B learns from its own noise stream
-    feedback = {name: layer.feedback_weight for name, layer in fa.feedback_layers(model.module)}
-    torch.save(feedback, f"{sys.argv[2]}/rank{rank}.pt")
+    for rule_and_scale in sys.argv[2:]:  # every rule in one launch: a torchrun start costs seconds
+        rule, scale = rule_and_scale.split(":")
+        torch.manual_seed(100 + rank)  # different global RNG state per rank: B must not depend on it
+        model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8)
+        fa.convert(model, rule=rule, scale=scale, seed=7)
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(rank)  # each rank its own data
+        for _ in range(3):
+            images = torch.randn(4, 3, 8, 8, generator=generator)
+            labels = torch.randint(0, 10, (4,), generator=generator)
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            fa.mirror.mirror_step(model.module)  # wm: B learns from its own noise stream
+        feedback = {name: layer.feedback_weight for name, layer in fa.feedback_layers(model.module)}
+        torch.save(feedback, f"{sys.argv[1]}/{rule}-rank{rank}.pt")
     dist.destroy_process_group()
 """)
 
 
-@pytest.mark.parametrize("rule", FEEDBACK_RULES)
-def test_feedback_weights_are_identical_on_every_rank(rule, tmp_path):
-    script = tmp_path / "ranks.py"
+@pytest.fixture(scope="module")
+def feedback_on_each_rank(tmp_path_factory):
+    """Every rule's B after three data-parallel steps on different data per rank, from one launch."""
+    root = tmp_path_factory.mktemp("ranks")
+    script = root / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    run([*TORCHRUN, str(script), rule, str(tmp_path), scale_for(rule)])
-    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    run([*TORCHRUN, str(script), str(root), *(f"{rule}:{scale_for(rule)}" for rule in FEEDBACK_RULES)])
+    return root
+
+
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
+def test_feedback_weights_are_identical_on_every_rank(rule, feedback_on_each_rank):
+    zero, one = (torch.load(feedback_on_each_rank / f"{rule}-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(zero) == 20
     for name in zero:
         assert torch.equal(zero[name], one[name]), name
