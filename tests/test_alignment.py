@@ -48,6 +48,26 @@ def test_output_layer_update_is_exact_under_every_rule(rule):
         assert frame.angle_feedback_weight.max() < 90  # positively aligned by construction
 
 
+# angle(B, W) = arccos(E|W| E|R| / sqrt(E W^2 E R^2)) for B = |R| sign(W), R independent of W:
+# uniform W: E|W| / sqrt(E W^2) = sqrt(3)/2, Gaussian W: sqrt(2/pi); usf's |R| is 1, brsf's and
+# frsf's uniform |R| gives another sqrt(3)/2.
+IMPLIED_ANGLES = {("uniform", "usf"): 30.0, ("uniform", "brsf"): 41.4, ("uniform", "frsf"): 41.4,
+                  ("gaussian", "usf"): 37.0, ("gaussian", "brsf"): 46.3, ("gaussian", "frsf"): 46.3}
+
+
+@pytest.mark.parametrize("init, rule", IMPLIED_ANGLES)
+def test_sign_concordant_angles_are_those_the_weight_distribution_implies(init, rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 5))
+    if init == "gaussian":
+        for layer in model[::2]:
+            nn.init.normal_(layer.weight, std=0.05)
+    fa.convert(model, rule=rule, scale="match", seed=0)
+    frame = fa.alignment.measure(model, torch.randn(8, 300), torch.randint(0, 5, (8,)))
+    expected = IMPLIED_ANGLES[init, rule]
+    assert frame.angle_feedback_weight.iloc[:2].sub(expected).abs().max() < 2.0, frame.angle_feedback_weight
+
+
 def test_fa_starts_near_90_degrees_and_aligns_with_training():
     model = fa.convert(mlp(), rule="fa", scale="init", seed=1)
     probe = toy_batch(256, seed=123)
