@@ -163,6 +163,20 @@ def test_strength_multiplies_every_coefficient():
     torch.testing.assert_close(_steps(strong, x, 1.0, 3), _steps(large, x, 1.0, 3), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_examples_limits_the_data_terms_to_the_batchs_first_examples(rule):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = fa.convert(copy.deepcopy(reference), rule=rule, seed=0, examples=2)
+    x = torch.randn(5, 3, 6, 6)
+    feedback = layer.feedback_direction.detach().clone().requires_grad_()
+    options = layer.rule_options
+    expected, = torch.autograd.grad(
+        reference_regularizer(rule, options, reference, reference.weight.detach(), feedback, x[:2]), feedback)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.feedback_direction.grad, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_aa_makes_b_act_like_w_on_the_datas_subspace_and_leaves_the_rest():
     """dR/dB = (1/N)(2 alpha B - beta W) X^T X: with beta = 2 alpha, B converges to W on the span
     of the data and keeps its own values on the orthogonal complement."""
@@ -217,7 +231,7 @@ def test_the_training_optimizer_leaves_a_regularized_b_to_its_own_decay_term(rul
 
 @pytest.mark.parametrize("options, message", [
     ({"alpha": -1.0}, "rule 'sa' option 'alpha' must be at least 0.0, not -1.0"),
-    ({"gamma": 1.0}, "rule 'sa' has no option 'gamma'; it takes alpha, beta, strength"),
+    ({"gamma": 1.0}, "rule 'sa' has no option 'gamma'; it takes alpha, beta, strength, examples"),
 ])
 def test_regularizer_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):

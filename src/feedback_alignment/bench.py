@@ -50,6 +50,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """A --rules entry, "rule" or "rule:key=value,key=value" (the rule's options), as (rule,
+    checked options)."""
+    rule, _, settings = spec.partition(":")
+    given = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
+    return rule, get_rule(rule).resolve_options(given)
+
+
 def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,
                 device: torch.device, dtype: str = "fp32", channels_last: bool = False,
                 compile_model: bool = False, copies: int = 2, steps_per_sample: int = 1) -> list[dict]:
@@ -59,12 +67,13 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch_size,), device=device)
 
-    def variant(rule):
-        if rule is None:
+    def variant(spec):
+        if spec is None:
             return copy.deepcopy(base)
+        rule, options = parse_variant(spec)
         # Rules with learned or direct feedback take no scale: they run with 'none'.
         rule_scale = scale if get_rule(rule).scalable else "none"
-        return convert(copy.deepcopy(base), rule=rule, scale=rule_scale, seed=0)
+        return convert(copy.deepcopy(base), rule=rule, scale=rule_scale, seed=0, **options)
     # A second unconverted variant shows the noise floor: its ratio would be 1.000 on a quiet
     # machine. Each variant runs as several model copies, whose times are averaged per round:
     # one copy's memory placement alone can make it a steady 1-2% faster or slower than another.
@@ -101,7 +110,9 @@ def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_si
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet18"])
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--rules", nargs="+", default=list(RULES),
+                        help="rules to time, each as RULE or RULE:KEY=VALUE,... with the rule's options "
+                             "(aa:examples=32)")
     parser.add_argument("--scale", default="match", choices=SCALES,
                         help="feedback scale of the converted variants (match does the most per-step work)")
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per variant")
@@ -121,6 +132,11 @@ def main(argv=None):
                              "host between them; 1 on the CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    for spec in args.rules:
+        try:
+            parse_variant(spec)
+        except ValueError as error:
+            parser.error(f"--rules {spec}: {error}")
     for option in ("rounds", "copies", "steps_per_sample"):
         value = getattr(args, option)
         if value is not None and value < 1:

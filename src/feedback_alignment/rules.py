@@ -157,7 +157,9 @@ def _coefficients(**defaults: float) -> tuple[Option, ...]:
     all of them: it keeps R's minimum (where B goes) and sets how fast B gets there."""
     return tuple(Option(name, value, "coefficient of its term of R (regularizers.py)", minimum=0.0)
                  for name, value in defaults.items()) + (
-        Option("strength", 1.0, "factor on every coefficient: the same fixed point, reached faster", minimum=0.0),)
+        Option("strength", 1.0, "factor on every coefficient: the same fixed point, reached faster", minimum=0.0),
+        Option("examples", 0, "examples of the training batch that R's data terms read (the first ones; "
+                              "0: all): fewer cost less, with more noise in B's step", minimum=0))
 
 
 _REGISTRY: dict[str, Rule] = {
