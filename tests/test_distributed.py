@@ -34,16 +34,40 @@ def run(command, **kwargs):
     return process
 
 
-def train(launcher, digits, out, *extra):
+def train(launcher, digits, out, *extra, env=None):
     return run([*launcher, "-m", "feedback_alignment", "train", "--dataset", "digits",
-                "--data", str(digits), "--out", str(out), *FLAGS, *extra])
+                "--data", str(digits), "--out", str(out), *FLAGS, *extra], env=env)
+
+
+# Loaded by every Python process of the launch (sitecustomize on PYTHONPATH): an audit hook that
+# logs each file the process opens for writing or renames into place, one log per rank.
+WRITE_LOGGER = textwrap.dedent("""
+    import os, sys
+    _log = os.open(os.path.join(os.environ["WRITE_LOG_DIR"], f"rank{os.environ.get('RANK', 'x')}-{os.getpid()}.log"),
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def _hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+                os.write(_log, f"open {os.fsdecode(args[0])}\\n".encode())
+        elif event in ("os.rename", "os.replace"):
+            os.write(_log, f"rename {os.fsdecode(args[1])}\\n".encode())
+
+    sys.addaudithook(_hook)
+""")
 
 
 @pytest.fixture(scope="module")
 def single_and_parallel(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     train([sys.executable], digits, root / "single")
-    train(TORCHRUN, digits, root / "parallel")
+    hook, logs = root / "hook", root / "write-logs"
+    hook.mkdir(), logs.mkdir()
+    (hook / "sitecustomize.py").write_text(WRITE_LOGGER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "WRITE_LOG_DIR": str(logs)}
+    train(TORCHRUN, digits, root / "parallel", env=env)
     return root / "single", root / "parallel"
 
 
@@ -70,6 +94,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(single_and_p
 def test_only_rank_zero_writes(single_and_parallel):
     single, parallel = single_and_parallel
     assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in single.iterdir())
+    # Every file of the run is written by rank 0 and none by rank 1 (which would write the same
+    # names: the listing above cannot tell).
+    logs = parallel.parent / "write-logs"
+    written = {rank: {line.split(" ", 1)[1] for log in logs.glob(f"rank{rank}-*.log")
+                      for line in log.read_text().splitlines() if str(parallel) in line}
+               for rank in (0, 1)}
+    assert any(path.endswith("result.json") for path in written[0]), written[0]
+    assert written[1] == set()
 
 
 RANK_SCRIPT = textwrap.dedent("""
