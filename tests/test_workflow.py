@@ -53,6 +53,9 @@ def test_tiny_study_end_to_end(tmp_path):
     row = summary[(summary.rule == "usf") & (summary.variant == "matched")].iloc[0]
     assert row.test_error_mean == pytest.approx(sum(errors) / 2)
     assert evaluation["test_error_top1"] in errors
+    # evaluate.py reloads best.pt and measures again: the error training recorded at the best epoch.
+    assert evaluation["test_error_top1"] == pytest.approx(history.set_index("epoch").test_error[result["best_epoch"]],
+                                                          abs=1e-9)
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert any(key.endswith("feedback_direction") for key in checkpoint["model"])
     for name in ("test_error_curves.png", "final_error.png", "update_angles.png",
