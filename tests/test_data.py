@@ -136,6 +136,22 @@ def test_digits_cache_and_batches(tmp_path):
     assert len(epoch) == (1797 - 180 - 360) // 32
 
 
+def test_normalized_training_images_have_mean_0_and_std_1_per_channel(tmp_path):
+    """Through both paths a model sees: evaluation batches and unaugmented training batches."""
+    out = tmp_path / "digits.pt"
+    data.prepare_digits(out)
+    loaded = data.load_tensor_data(out, torch.device("cpu"))
+    everything = 10_000
+    images, _ = next(data.batches(loaded, "train", everything))
+    epoch = data.EpochBatches(loaded, len(loaded.splits["train"][1]), torch.Generator().manual_seed(0),
+                              crop=8, pad=0, flip=False)
+    shuffled, _ = next(iter(epoch))
+    for normalized in (images, shuffled):
+        per_channel = normalized.transpose(0, 1).reshape(normalized.shape[1], -1)
+        torch.testing.assert_close(per_channel.mean(1), torch.zeros(1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(per_channel.std(1), torch.ones(1), rtol=0, atol=1e-5)
+
+
 def test_epoch_resumes_exactly_mid_way(tmp_path):
     out = tmp_path / "digits.pt"
     data.prepare_digits(out)
