@@ -145,12 +145,12 @@ def test_none_scale_is_raw():
 
 @pytest.mark.parametrize("rule", ["fa", "brsf", "frsf"])
 def test_seed_reproduces_whatever_the_global_rng(rule):
-    torch.manual_seed(123)
-    a = fa.convert(small_net(), rule=rule, seed=7)
+    nets = [small_net() for _ in range(3)]  # the same weights (small_net seeds itself)
+    torch.manual_seed(123)  # and then a different global RNG state at each conversion
+    a = fa.convert(nets[0], rule=rule, seed=7)
     torch.manual_seed(999)
-    torch.rand(1000)
-    b = fa.convert(small_net(), rule=rule, seed=7)
-    c = fa.convert(small_net(), rule=rule, seed=8)
+    b = fa.convert(nets[1], rule=rule, seed=7)
+    c = fa.convert(nets[2], rule=rule, seed=8)
     for step in range(2):
         for model in (a, b, c):
             torch.manual_seed(step * 1000 + id(model) % 1000)  # global RNG differs per model
