@@ -61,6 +61,16 @@ def test_tiny_study_end_to_end(tmp_path):
     for name in ("test_error_curves.png", "final_error.png", "update_angles.png",
                  "feedback_alignment.png", "gradient_norms.png", "error_vs_depth.png"):
         assert (results / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The figures plot these numbers (the CSV beside each holds what it drew).
+    bars = pd.read_csv(results / "figures" / "final_error.csv")
+    assert bars[bars.series == "usf (matched)"].y.tolist() == pytest.approx([row.test_error_mean])
+    assert sorted(bars[bars.series == "usf (matched) seeds"].y) == pytest.approx(sorted(errors))
+    curves = pd.read_csv(results / "figures" / "test_error_curves.csv")
+    drawn = curves[curves.panel.str.endswith("variant: matched") & (curves.series == "usf")]
+    histories = pd.concat(pd.read_csv(results / "runs/digits/net/usf-matched" / f"seed{s}" / "history.csv")
+                          for s in (0, 1))
+    assert drawn.y.tolist() == pytest.approx(histories.groupby("epoch").test_error.mean().tolist())
+    assert drawn.x.tolist() == [1, 2]
     alignment = pd.read_csv(results / "alignment.csv")
     # Measured before the first step and every 2 steps: steps 0, 2, 4, 6 of 6; 3 layers each.
     per_run = alignment[(alignment.rule == "usf") & (alignment.variant == "matched") & (alignment.seed == 1)]

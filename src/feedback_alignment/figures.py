@@ -14,7 +14,9 @@
 - error_vs_depth.png    : final test error against depth (convnet archs), per rule and variant
 - sensitivity.png       : validation error against each swept value, per rule and variant, the
   point tuning selected starred (from tuning.csv; needs a tuning block)
-A figure without the data it needs says so on its face instead of being left out.
+A figure without the data it needs says so on its face instead of being left out. Beside each
+figure, a CSV of the numbers it plots (figure.csv: panel, series, x, y), so that a reader (or a
+test) can check a figure without reading pixels.
 """
 from __future__ import annotations
 
@@ -29,8 +31,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .provenance import save_figure  # noqa: E402
+from .provenance import save_figure, write_csv  # noqa: E402
 from .rules import RULES  # noqa: E402
+
+def plotted_data(figure) -> pd.DataFrame:
+    """Every plotted point of `figure`: its panel (the axis title), its series (the artist's gid,
+    else its label), x and y; lines, bars and scatter dots."""
+    rows = []
+    for axis in figure.axes:
+        panel = axis.get_title()
+        for line in axis.get_lines():
+            series = line.get_gid() or line.get_label()
+            rows += [(panel, series, x, y) for x, y in zip(np.ravel(line.get_xdata()), np.ravel(line.get_ydata()))]
+        for container in axis.containers:
+            if isinstance(container, matplotlib.container.BarContainer):
+                rows += [(panel, bar.get_gid() or container.get_label(), bar.get_x() + bar.get_width() / 2,
+                          bar.get_height()) for bar in container]
+        for collection in axis.collections:
+            if isinstance(collection, matplotlib.collections.PathCollection) and collection.get_gid():
+                rows += [(panel, collection.get_gid(), x, y) for x, y in collection.get_offsets()]
+    return pd.DataFrame(rows, columns=["panel", "series", "x", "y"])
+
+
+def _save(path: Path, figure) -> None:
+    """The figure, and beside it the numbers it plots."""
+    write_csv(Path(path).with_suffix(".csv"), plotted_data(figure))
+    save_figure(path, figure)
+
 
 # One colour per rule, in the registry's order: a rule added to rules.py gets the next one.
 PALETTE = ("black", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
@@ -84,7 +111,7 @@ def test_error_curves(history: pd.DataFrame, path: Path) -> None:
     figure.suptitle(f"Test error during training (line: mean over {count} seeds, band: best to worst seed)",
                     fontsize=11)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -100,7 +127,7 @@ def _placeholder(path: Path, message: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 1.6))
     axis.axis("off")
     axis.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10)
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -122,14 +149,15 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path,
                 x = r_index + (slot - (len(present) - 1) / 2) * width
                 color = f"C{variants.index(variant)}"
                 axis.bar(x, g.test_error_mean, width * 0.9, color=color, alpha=0.75,
-                         label=None if variant in labelled else variant)
+                         label=None if variant in labelled else variant, gid=f"{rule} ({variant})")
                 labelled.add(variant)
                 if pd.notna(g.test_error_mean):  # every seed diverged: no bar, only the count
                     axis.errorbar(x, g.test_error_mean, yerr=_spread(g.test_error_mean, g.test_error_min,
                                                                      g.test_error_max), color="black", capsize=3)
                 seeds = runs[(runs.dataset == dataset) & (runs.arch == arch) & (runs.rule == rule)
                              & (runs.variant == variant)]
-                axis.scatter([x] * len(seeds), seeds.test_error_top1, s=9, color="black", zorder=3)
+                axis.scatter([x] * len(seeds), seeds.test_error_top1, s=9, color="black", zorder=3,
+                             gid=f"{rule} ({variant}) seeds")
                 label = f"{g.test_error_mean:.1f}" if pd.notna(g.test_error_mean) else "-"
                 if g.n_diverged:
                     label += f"\n{g.n_diverged}/{g.n_seeds} diverged"
@@ -150,7 +178,7 @@ def final_error(summary: pd.DataFrame, runs: pd.DataFrame, path: Path,
         axis.legend(title="variant", fontsize=8)
         axis.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -208,7 +236,7 @@ def per_layer_over_training(alignment: pd.DataFrame, path: Path, columns: list[t
                 axis.legend(title="layer", fontsize=7, title_fontsize=7)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -243,7 +271,7 @@ def gradient_norms(alignment: pd.DataFrame, path: Path) -> None:
     figure.suptitle("Weight-gradient norm per layer relative to backprop on the same weights and batch:\n"
                     "above 1 the error signal explodes, below 1 it vanishes", fontsize=10)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -286,7 +314,7 @@ def error_vs_depth(summary: pd.DataFrame, path: Path) -> None:
         _legend_of_every_rule(axes, axes[0][-1], title="rule", fontsize=8)
     figure.suptitle("Final test error against depth (mean over seeds, whiskers: min-max)", fontsize=11)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
@@ -341,7 +369,7 @@ def sensitivity(tuning: pd.DataFrame, path: Path) -> None:
     figure.suptitle(f"Tuning: validation error per swept value (mean over {seeds} seed{'s' if seeds > 1 else ''}; "
                     "star: selected)", fontsize=11)
     figure.tight_layout()
-    save_figure(path, figure)
+    _save(path, figure)
     plt.close(figure)
 
 
