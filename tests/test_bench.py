@@ -45,6 +45,7 @@ def test_a_sample_times_several_steps_between_two_synchronizations(monkeypatch, 
     ("xx", "--rules xx: unknown rule 'xx'"),
     ("aa:examples=-1", "--rules aa:examples=-1: rule 'aa' option 'examples' must be at least 0, not -1"),
     ("fa:examples=2", "--rules fa:examples=2: rule 'fa' has no option 'examples'"),
+    ("aa:examples", "--rules aa:examples: 'examples': write KEY=VALUE"),
 ])
 def test_bench_refuses_an_unknown_rule_or_option_in_one_line(spec, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
