@@ -231,8 +231,63 @@ def test_the_training_optimizer_leaves_a_regularized_b_to_its_own_decay_term(rul
 
 @pytest.mark.parametrize("options, message", [
     ({"alpha": -1.0}, "rule 'sa' option 'alpha' must be at least 0.0, not -1.0"),
-    ({"gamma": 1.0}, "rule 'sa' has no option 'gamma'; it takes alpha, beta, strength, examples"),
+    ({"gamma": 1.0}, "rule 'sa' has no option 'gamma'; it takes alpha, alpha_start, alpha_stop, beta, "
+                     "beta_start, beta_stop, strength, examples"),
+    ({"beta_start": 0.5, "beta_stop": 0.5}, "rule 'sa' option beta_start \\(0.5\\) must be below beta_stop "
+                                            "\\(0.5\\): beta would never count"),
+    ({"alpha_stop": 1.5}, "rule 'sa' option 'alpha_stop' must be between 0.0 and 1.0, not 1.5"),
 ])
 def test_regularizer_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         fa.convert(nn.Linear(3, 2), rule="sa", **options)
+
+
+@pytest.mark.parametrize("progress, counting", [
+    (0.0, ()), (0.2499, ()), (0.25, ("beta",)), (0.5, ("alpha", "beta")), (0.7499, ("alpha", "beta")),
+    (0.75, ("alpha",)), (1.0, ("alpha",)),
+])
+def test_a_coefficient_on_a_schedule_counts_from_its_start_until_its_stop(progress, counting):
+    """sa with alpha from half of training on and beta from a quarter to three quarters: B's
+    gradient is 2 alpha B - beta W with each coefficient 0 outside its part of training."""
+    torch.manual_seed(0)
+    layer = fa.convert(nn.Linear(6, 4), rule="sa", seed=0, alpha=0.3, alpha_start=0.5,
+                       beta=0.7, beta_start=0.25, beta_stop=0.75)
+    fa.set_progress(layer, progress)
+    weight, feedback = layer.weight.detach(), layer.feedback_direction.detach()
+    alpha, beta = (0.3 if "alpha" in counting else 0.0), (0.7 if "beta" in counting else 0.0)
+    layer(torch.randn(5, 6)).sum().backward()
+    torch.testing.assert_close(layer.feedback_direction.grad, 2 * alpha * feedback - beta * weight,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_schedule_without_progress_is_a_one_line_error():
+    layer = fa.convert(nn.Linear(6, 4), rule="ia", seed=0, gamma_stop=0.5)
+    with pytest.raises(RuntimeError, match=r"^coefficient 'gamma' is on a schedule over training: tell the model "
+                                           r"how far training is with fa.set_progress\(model, fraction\) before each step$"):
+        layer(torch.randn(5, 6))
+    with pytest.raises(ValueError, match="training progress is a fraction between 0 and 1, not 1.5"):
+        fa.set_progress(layer, 1.5)
+
+
+def test_the_training_cli_reports_progress_from_the_first_step_on(tmp_path):
+    """sa with only its beta term, on for the first half of a 2-epoch run and plain SGD (no
+    momentum): B moves in the first epoch exactly as in a 1-epoch run with beta always on and
+    not at all in the second. Progress counted one step late or early moves the edge by a step."""
+    from feedback_alignment import data, train
+
+    digits = tmp_path / "digits.pt"
+    data.prepare_digits(digits)
+
+    def final_feedback(out, epochs, *options):
+        train.main(["--dataset", "digits", "--data", str(digits), "--out", str(out), "--arch", "convnet",
+                    "--depth", "2", "--width", "4", "--rule", "sa", "--epochs", str(epochs), "--batch-size", "64",
+                    "--lr", "0.05", "--momentum", "0", "--threads", "1", "--device", "cpu", "--seed", "1",
+                    "--rule-option", "alpha=0", "--rule-option", "beta=0.5", *options])
+        state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        return {key: value for key, value in state.items() if key.endswith("feedback_direction")}
+
+    half = final_feedback(tmp_path / "half", 2, "--rule-option", "beta_stop=0.5")
+    whole_first_epoch = final_feedback(tmp_path / "one", 1)
+    assert half.keys() == whole_first_epoch.keys() and half
+    for key in half:
+        assert torch.equal(half[key], whole_first_epoch[key]), key

@@ -191,10 +191,12 @@ def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("rule", ["dfa", "kp", "wm", "ia"])
-def test_learned_and_direct_feedback_resume_exactly(rule, digits, tmp_path):
-    # dfa's lazily drawn B, kp's and ia's B in the optimizer state, wm's B and its noise stream position.
-    flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2")
+@pytest.mark.parametrize("rule, options", [("dfa", ()), ("kp", ()), ("wm", ()),
+                                           ("ia", ("--rule-option", "gamma_start=0.5"))])
+def test_learned_and_direct_feedback_resume_exactly(rule, options, digits, tmp_path):
+    # dfa's lazily drawn B, kp's and ia's B in the optimizer state, wm's B and its noise stream
+    # position; ia's gamma turns on in the second of three epochs, after the resume.
+    flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2", *options)
     straight, out = tmp_path / "straight", tmp_path / "run"
     finish(train_command(digits, straight, *flags))
     returncode, stderr = interrupt_after_first_epoch(train_command(digits, out, *flags), out, signal.SIGTERM, 0.05)

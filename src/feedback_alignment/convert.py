@@ -137,6 +137,16 @@ def after_step(model: nn.Module, step: int) -> None:
             layer.rule.after_step(model, step, layer.rule_options)
 
 
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Tell the model's feedback layers how far training is (a fraction: 0 before the first step,
+    step / total steps after), for rule options on a schedule over training (sa, aa, ia's
+    coefficients' NAME_start and NAME_stop). The training CLI calls it before every step."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"training progress is a fraction between 0 and 1, not {fraction!r}")
+    for _, layer in feedback_layers(model):
+        layer.set_progress(fraction)
+
+
 def _feedback_modules(layer: nn.Module) -> list[FeedbackLayer]:
     return [m for m in layer.modules() if isinstance(m, FeedbackLayer)]
 

@@ -74,6 +74,8 @@ class FeedbackLayer:
                         constrain_weight_norm: bool) -> None:
         self.rule = get_rule(rule)
         self.scale = check_scale(scale, self.rule)
+        # How far training is (a fraction), for options on a schedule; set by fa.set_progress.
+        self.training_progress: float | None = None
         self.rule_options = self.rule.resolve_options({})  # convert sets the model's own
         self.seed = int(seed)
         self.layer_name = name
@@ -123,6 +125,27 @@ class FeedbackLayer:
         self._awaiting_first_draw = True
         if not weight.is_meta:
             self._draw_initial_feedback(weight)
+
+    @property
+    def rule_options(self) -> dict:
+        return self._rule_options
+
+    @rule_options.setter
+    def rule_options(self, options: dict) -> None:
+        self._rule_options = options
+        # R's coefficients are worked out here and when training progresses past a schedule's
+        # edge, not at every forward.
+        self._scheduled = (self.rule.regularizer is not None
+                           and bool(regularizers.scheduled(self.rule.regularizer, options)))
+        self._regularizer_terms = None
+        if self.rule.regularizer is not None and not self._scheduled:
+            self._regularizer_terms = regularizers.terms(self.rule.regularizer, options)
+
+    def set_progress(self, fraction: float) -> None:
+        """How far training is (0 at the first step, 1 at the end), for options on a schedule."""
+        self.training_progress = fraction
+        if self._scheduled:
+            self._regularizer_terms = regularizers.terms(self.rule.regularizer, self.rule_options, fraction)
 
     def host_draw_count(self) -> int:
         """The number of draws made so far, from the host's copy of the counter (read back from
@@ -334,7 +357,9 @@ class FeedbackLayer:
             return DirectFeedbackFunction.apply(input, weight, bias, feedback, self.direct_source.current,
                                                 self.layer_name, conv, pad)
         gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
-        terms = None if self.rule.regularizer is None else regularizers.terms(self.rule.regularizer, self.rule_options)
+        terms = self._regularizer_terms
+        if terms is None and self._scheduled:  # fa.set_progress was never called: the error says to
+            regularizers.terms(self.rule.regularizer, self.rule_options, progress=None)
         if conv is None:
             output = FeedbackLinearFunction.apply(input, weight, bias, feedback, gain, terms)
         else:

@@ -58,11 +58,31 @@ class Terms(NamedTuple):
         return self.self != 0
 
 
-def terms(primitive_of: dict[str, str], options: dict) -> Terms:
-    """R's coefficients from a rule's options: `primitive_of` maps option name -> primitive; the
-    option `strength` multiplies them all."""
+def scheduled(primitive_of: dict[str, str], options: dict) -> list[str]:
+    """The coefficients whose term of R is on for part of training only: the option NAME_start
+    above 0 or NAME_stop below 1 (fractions of training)."""
+    return [option for option in primitive_of
+            if options.get(f"{option}_start", 0.0) > 0.0 or options.get(f"{option}_stop", 1.0) < 1.0]
+
+
+def terms(primitive_of: dict[str, str], options: dict, progress: float | None = None) -> Terms:
+    """R's coefficients from a rule's options at `progress` (the fraction of training done; needed
+    only for a coefficient on a schedule): `primitive_of` maps option name -> primitive; the
+    option `strength` multiplies them all; a coefficient counts from the fraction NAME_start of
+    training until NAME_stop (0 outside; a stop of 1 includes the end)."""
     strength = float(options.get("strength", 1.0))
-    return Terms(**{primitive: strength * float(options[option]) for option, primitive in primitive_of.items()},
+    on_schedule = set(scheduled(primitive_of, options))
+    if on_schedule and progress is None:
+        raise RuntimeError(f"coefficient {sorted(on_schedule)[0]!r} is on a schedule over training: tell the "
+                           "model how far training is with fa.set_progress(model, fraction) before each step")
+
+    def coefficient(option: str) -> float:
+        start, stop = options.get(f"{option}_start", 0.0), options.get(f"{option}_stop", 1.0)
+        if option in on_schedule and not (start <= progress and (progress < stop or stop == 1.0)):
+            return 0.0
+        return strength * float(options[option])
+
+    return Terms(**{primitive: coefficient(option) for option, primitive in primitive_of.items()},
                  examples=int(options.get("examples", 0)))
 
 

@@ -99,7 +99,13 @@ class Rule:
             if name not in known:
                 takes = f"takes {', '.join(known)}" if known else "takes no options"
                 raise ValueError(f"rule {self.name!r} has no option {name!r}; it {takes}")
-        return {name: option.check(self.name, given.get(name, option.default)) for name, option in known.items()}
+        values = {name: option.check(self.name, given.get(name, option.default)) for name, option in known.items()}
+        for name in values:
+            start, stop = values.get(f"{name}_start"), values.get(f"{name}_stop")
+            if start is not None and stop is not None and start >= stop:
+                raise ValueError(f"rule {self.name!r} option {name}_start ({start}) must be below "
+                                 f"{name}_stop ({stop}): {name} would never count")
+        return values
 
     @property
     def learns_by_optimizer(self) -> bool:
@@ -153,10 +159,19 @@ def _mirror_phase(model, step: int, options: dict) -> None:
 
 
 def _coefficients(**defaults: float) -> tuple[Option, ...]:
-    """The coefficients of R's terms (the reference implementation's defaults), and one factor on
-    all of them: it keeps R's minimum (where B goes) and sets how fast B gets there."""
-    return tuple(Option(name, value, "coefficient of its term of R (regularizers.py)", minimum=0.0)
-                 for name, value in defaults.items()) + (
+    """The coefficients of R's terms (the reference implementation's defaults), each with the
+    part of training where it counts (constant by default), and one factor on all of them: it
+    keeps R's minimum (where B goes) and sets how fast B gets there."""
+    coefficients = tuple(
+        option
+        for name, value in defaults.items()
+        for option in (
+            Option(name, value, "coefficient of its term of R (regularizers.py)", minimum=0.0),
+            Option(f"{name}_start", 0.0, f"fraction of training from which {name} counts (0 before)",
+                   minimum=0.0, maximum=1.0),
+            Option(f"{name}_stop", 1.0, f"fraction of training from which {name} stops counting",
+                   minimum=0.0, maximum=1.0)))
+    return coefficients + (
         Option("strength", 1.0, "factor on every coefficient: the same fixed point, reached faster", minimum=0.0),
         Option("examples", 0, "examples of the training batch that R's data terms read (the first ones; "
                               "0: all): fewer cost less, with more noise in B's step", minimum=0))

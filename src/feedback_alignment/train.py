@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import alignment, settings, tuning
 from . import data as datasets
 from .checkpoint import TrainState, resume, save_checkpoint
-from .convert import after_step, feedback_layers
+from .convert import after_step, feedback_layers, set_progress
 from .distributed import BACKENDS, World, claim_gpu_slot, close_world, cuda_device_ids, init_world
 from .optim import BatchManhattan
 from .provenance import provenance, torch_save, write_csv, write_json
@@ -286,8 +286,10 @@ def train_epoch(t: Training, progress) -> dict | None:
                                 wrong=torch.zeros((), device=t.device, dtype=torch.int64),
                                 first_bad_step=torch.full((), -1, device=t.device), seen=0)
     t.model.train()
+    total_steps = args.epochs * t.loaders.train_batches_per_epoch()
     start = time.perf_counter()
     for images, labels in epoch_batches:
+        set_progress(t.model, t.state.step / total_steps)  # for rule options on a schedule
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         t.optimizer.zero_grad(set_to_none=True)
