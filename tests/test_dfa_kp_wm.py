@@ -233,6 +233,80 @@ def test_mirror_step_ignores_other_rules():
     assert fa.mirror.mirror_step(fa.convert(mlp(), rule="fa")) == 0
 
 
+def test_the_budget_cuts_noise_images_of_the_costliest_layers_first():
+    """By hand: Linear(4, 2) and Linear(100, 50), 400 positions each in training: 3 x 400 x 5008
+    multiply-adds; budget 0.5 leaves 3,004,800 for the mirror phase. An image (64 vectors) costs
+    2 x 64 x 8 = 1,024 on the small layer, which keeps its 16 (16,384), and 640,000 on the large
+    one, which gets int(2,988,416 / 640,000) = 4."""
+    model = fa.convert(nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1), nn.Linear(100, 50)), rule="wm", seed=0)
+    small, large = model[0], model[2]
+    small(torch.randn(400, 4, requires_grad=True))
+    large(torch.randn(8, 50, 100, requires_grad=True))  # positions are every input vector: 400
+    assert (small.forward_positions, large.forward_positions) == (400, 400)
+    layers = [small, large]
+    assert fa.mirror.noise_images(layers, 16, 0.5) == [16, 4]
+    assert fa.mirror.noise_images(layers, 16, 0.0) == [16, 16]  # no budget
+    assert fa.mirror.noise_images(layers, 16, 1e-9) == [1, 1]  # at least one image each
+    assert fa.mirror.noise_images(layers, 16, 100.0) == [16, 16]  # the budget is a bound, not a target
+    assert fa.mirror.noise_images([small, model[1]], 16, 0.5) == [16, 16]  # a layer without a forward: no bound
+
+
+@pytest.mark.parametrize("layer, shape, positions", [
+    (lambda: nn.Conv2d(3, 4, 3, stride=2), (5, 3, 9, 9), 5 * 4 * 4),  # output positions
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), 6 * 6),  # unbatched
+    (lambda: nn.Conv1d(2, 4, 3, dilation=2), (2, 2, 10), 2 * 6),
+    (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), (2, 3, 5, 5), 2 * 5 * 5),  # input positions
+    (lambda: nn.Linear(6, 2), (4, 7, 6), 4 * 7),  # input vectors
+], ids=["conv2d", "conv2d-unbatched", "conv1d", "conv-transpose2d", "linear-sequence"])
+def test_a_mirror_layer_records_the_positions_its_forward_applied_w_at(layer, shape, positions):
+    layer = fa.convert(layer(), rule="wm", seed=0)
+    layer(torch.randn(shape, requires_grad=True))
+    assert layer.forward_positions == positions
+
+
+def test_the_budget_bounds_the_mirror_phases_multiply_adds():
+    """Counted by hand from the shapes: positions 8 x 32 x 32, 8 x 15 x 15, 8 x 7 x 7 and 8 in
+    training (x 3: output, input and weight gradients); noise images x 64 output positions, twice,
+    in the mirror phase; each times the weight's size."""
+    torch.manual_seed(0)
+    model = fa.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 64, 3, stride=2),
+                                     nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2), nn.Flatten(), nn.Linear(3136, 4)),
+                       rule="wm", seed=0)
+    model(torch.randn(8, 3, 32, 32, requires_grad=True))
+    training = 8192 * 8 * 27 + 1800 * 64 * 72 + 392 * 64 * 576 + 8 * 4 * 3136
+    layers = fa.mirror.mirror_layers(model)
+    for budget in (0.2, 0.5, 1.0):
+        images = fa.mirror.noise_images(layers, 16, budget)
+        mirror = sum(2 * n * 64 * layer.weight.numel() for n, layer in zip(images, layers))
+        assert 0.75 * budget * 3 * training <= mirror <= budget * 3 * training, (budget, images)
+        assert images != [16] * 4  # the bound binds here
+    # One image each at least, even where that is more than the budget gives.
+    assert fa.mirror.noise_images(layers, 16, 0.05) == [16, 1, 1, 1]
+
+
+def test_the_default_budget_leaves_the_default_studys_mirror_phase_as_it_was():
+    """convnet8 on 8x8 digits, batch 64: every layer keeps its 16 noise images, so B is bit for
+    bit what an unbounded mirror phase gives after the same steps."""
+    from feedback_alignment.models import build_model
+
+    def trained_feedback(budget):
+        torch.manual_seed(0)
+        model = fa.convert(build_model("convnet", num_classes=10, in_channels=1, depth=8, width=32),
+                           rule="wm", seed=0, budget=budget)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(1, 3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.randn(64, 1, 8, 8)), torch.randint(0, 10, (64,))).backward()
+            optimizer.step()
+            fa.after_step(model, step)
+        return [layer.feedback_direction.clone() for layer in fa.mirror.mirror_layers(model)]
+
+    default = fa.get_rule("wm").resolve_options({})["budget"]
+    assert default > 0
+    for a, b in zip(trained_feedback(default), trained_feedback(0.0)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("rule", ["kp", "wm"])
 def test_learned_rules_take_no_feedback_scale(rule):
     with pytest.raises(ValueError, match=f"rule '{rule}' takes scale 'none', not 'init': its B is learned"):
@@ -248,7 +322,7 @@ def test_weight_mirrors_take_their_options_through_convert_and_run_between_steps
                         lr=0.2, decay=0.1, batch=8, every=2)
     torch.manual_seed(0)
     by_hand = fa.convert(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), rule="wm", seed=0)
-    assert hooked[0].rule_options == {"lr": 0.2, "decay": 0.1, "batch": 8, "every": 2}
+    assert hooked[0].rule_options == {"lr": 0.2, "decay": 0.1, "batch": 8, "every": 2, "budget": 0.2}
     for step in range(1, 7):
         fa.after_step(hooked, step)
         if step % 2 == 0:
@@ -273,7 +347,7 @@ def test_every_rules_between_step_work_leaves_a_model_without_it_alone(rule):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(rate=0.1), "rule 'wm' has no option 'rate'; it takes lr, decay, batch, every"),
+    (dict(rate=0.1), "rule 'wm' has no option 'rate'; it takes lr, decay, batch, every, budget"),
     (dict(batch=2.5), "rule 'wm' option 'batch' takes an integer, not 2.5"),
     (dict(batch="many"), "rule 'wm' option 'batch' takes an integer, not 'many'"),
     (dict(decay=1.5), "rule 'wm' option 'decay' must be between 0.0 and 1.0, not 1.5"),

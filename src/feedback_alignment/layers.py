@@ -64,6 +64,15 @@ def _same_versions(a, b) -> bool:
             and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b)))
 
 
+def _positions(input: Tensor, output: Tensor, conv: ConvArgs | None) -> int:
+    """How many times the forward applied the whole weight: output positions of a convolution,
+    input positions of a transposed one, input vectors of a linear map (its multiply-adds are
+    this times weight.numel())."""
+    if conv is None:
+        return input.numel() // input.shape[-1]
+    return input.numel() // input.shape[1] if conv.transposed else output.numel() // output.shape[1]
+
+
 class FeedbackLayer:
     """State and per-forward work of every feedback layer (a mixin in front of the torch class)."""
 
@@ -76,6 +85,8 @@ class FeedbackLayer:
         self.scale = check_scale(scale, self.rule)
         # How far training is (a fraction), for options on a schedule; set by fa.set_progress.
         self.training_progress: float | None = None
+        # Positions the latest forward through B applied W at (set for weight mirrors only).
+        self.forward_positions: int | None = None
         self.rule_options = self.rule.resolve_options({})  # convert sets the model's own
         self.seed = int(seed)
         self.layer_name = name
@@ -365,6 +376,8 @@ class FeedbackLayer:
         else:
             output = FeedbackConvFunction.apply(input, weight, bias, feedback, gain, conv, terms)
         self._note_pending_backward(output)
+        if self.rule.learning == "mirror":  # the mirror phase sizes its work by the training forward's
+            self.forward_positions = _positions(input, output, conv)
         return output
 
     # -- direct feedback (dfa) ------------------------------------------------------------

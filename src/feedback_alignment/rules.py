@@ -155,7 +155,7 @@ def _mirror_phase(model, step: int, options: dict) -> None:
     from .mirror import mirror_step  # mirror.py works on converted models: imported when used
 
     if step % options["every"] == 0:
-        mirror_step(model, options["lr"], options["decay"], options["batch"])
+        mirror_step(model, options["lr"], options["decay"], options["batch"], options["budget"])
 
 
 def _coefficients(**defaults: float) -> tuple[Option, ...]:
@@ -209,7 +209,10 @@ _REGISTRY: dict[str, Rule] = {
                       Option("decay", 0.05, "see lr", minimum=0.0, maximum=1.0),
                       Option("batch", 16, "noise images per layer per mirror phase (64 positions each; "
                                           "linear layers get as many noise vectors as that makes)", minimum=1),
-                      Option("every", 1, "training steps between mirror phases", minimum=1)),
+                      Option("every", 1, "training steps between mirror phases", minimum=1),
+                      Option("budget", 0.2, "most multiply-adds of a mirror phase, as a fraction of the "
+                                            "training step's: fewer noise images where the layers see few "
+                                            "positions (0: no bound)", minimum=0.0)),
              after_step=_mirror_phase),
         # Kunin et al. 2020: B starts random and learns from a regulariser on the training batch.
         Rule("sa", _fixed_random, "fixed", sign_concordant=False, fixed_direction=True,
