@@ -1,4 +1,4 @@
-# feedback-alignment: download -> train every (dataset x arch x rule x variant x seed) -> evaluate
+# feedback-alignment: download -> train and evaluate every (dataset x arch x rule x variant x seed)
 # -> summary and figures. Run: snakemake --cores all   (config/config.yaml, the digits study)
 from snakemake.utils import min_version
 

@@ -135,7 +135,7 @@ def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
     (["--runs-per-gpu", "0"], "train: --runs-per-gpu 0 must be at least 1"),
     (["--rule-option", "lr"], "train: --rule-option 'lr': write KEY=VALUE"),
     (["--rule", "wm", "--scale", "none", "--rule-option", "rate=1"],
-     "train: rule 'wm' has no option 'rate'; it takes lr, decay, batch, every"),
+     "train: rule 'wm' has no option 'rate'; it takes lr, decay, batch, every, budget"),
     (["--batch-size", "5000"], "train: no training batch: the digits training split is smaller than "
                                "--batch-size 5000"),
 ])

@@ -54,11 +54,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     """A --rules entry, "rule" or "rule:key=value,key=value" (the rule's options), as (rule,
     checked options)."""
     rule, _, settings = spec.partition(":")
-    pairs = [pair for pair in settings.split(",") if pair]
-    for pair in pairs:
-        if "=" not in pair or pair.startswith("="):
-            raise ValueError(f"{pair!r}: write KEY=VALUE")
-    return rule, get_rule(rule).resolve_options(dict(pair.split("=", 1) for pair in pairs))
+    return rule, get_rule(rule).parse_options([pair for pair in settings.split(",") if pair])
 
 
 def bench_model(arch: str, rules, scale: str, rounds: int, warmup: int, batch_size: int,

@@ -43,6 +43,8 @@ class TrainState:
     alignment: list = field(default_factory=list)  # one row per layer per alignment measurement
     best_val: float = math.inf
     best_epoch: int | None = None
+    # The best epoch's test errors (top-k, %) and loss: evaluation.json's values.
+    best_test: dict | None = None
 
 
 def semantic_config(config: dict) -> dict:

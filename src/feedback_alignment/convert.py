@@ -48,8 +48,10 @@ def convert(model: nn.Module, rule: str, scale: str = "none", seed: int = 0,
     forward pre-hook on `model` brings every layer's B up to date before each forward that records
     gradients. On the meta device the random draws wait until the tensors are materialized.
     `options` are the rule's own settings (`fa.get_rule(rule).options`; weight mirrors: lr, decay,
-    batch, every), used by its work between steps: call `fa.after_step(model, step)` after each
-    optimizer step. Returns `model` (or the new layer, if `model` itself is a weight layer).
+    batch, every, budget; sa, aa, ia: their coefficients, schedules, strength, examples): call
+    `fa.after_step(model, step)` after each optimizer step (the rule's work between steps), and
+    `fa.set_progress(model, fraction)` before it where an option is on a schedule. Returns `model`
+    (or the new layer, if `model` itself is a weight layer).
     """
     rule_spec = get_rule(rule)
     check_scale(scale, rule_spec)

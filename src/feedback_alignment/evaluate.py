@@ -19,8 +19,26 @@ from .provenance import provenance, write_json
 from .runs import build_run_model, evaluate, make_loaders, reported_topk, resolve_device, resolve_precision
 
 
+def evaluation_record(result: dict, errors: list[float] | None, loss: float | None, device) -> dict:
+    """evaluation.json's content: the run's ending (result.json's `result`) and its best weights'
+    top-k test errors and mean loss (None where it has no best weights)."""
+    evaluation = dict(status=result["status"], best_epoch=result["best_epoch"],
+                      epochs_completed=result["epochs_completed"],
+                      diverged_at_epoch=result["diverged_at_epoch"],
+                      test_error_top1=None, test_error_top5=None,
+                      num_classes=result["num_classes"], config=dict(result["config"]))
+    if errors is not None:
+        evaluation.update(test_error_top1=errors[0], test_loss=loss)
+        if len(errors) > 1:
+            evaluation["test_error_top5"] = errors[1]
+    evaluation["provenance"] = provenance(device)
+    return evaluation
+
+
 def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None = None,
                  data: str | None = None) -> dict:
+    """Evaluate best.pt again (the train CLI writes evaluation.json itself from the best epoch's
+    test pass: this re-measures, e.g. on other data or after a change to the evaluation)."""
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -30,11 +48,7 @@ def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None =
     result = json.loads(result_path.read_text())
     config = dict(result["config"])
     device = resolve_device(device_name)
-    evaluation = dict(status=result["status"], best_epoch=result["best_epoch"],
-                      epochs_completed=result["epochs_completed"],
-                      diverged_at_epoch=result["diverged_at_epoch"],
-                      test_error_top1=None, test_error_top5=None,
-                      num_classes=result["num_classes"], config=config)
+    errors = loss = None
     best = run_dir / "best.pt"
     if result["best_epoch"] is not None and best.is_file():
         loaders = make_loaders({**config, "data": data or config["data"]}, device)
@@ -44,10 +58,7 @@ def evaluate_run(run_dir: Path, device_name: str = "auto", threads: int | None =
         topk = reported_topk(result["num_classes"])
         precision = resolve_precision(config.get("precision", "fp32"), device)
         errors, loss = evaluate(model, loaders.eval("test"), topk, device=device, precision=precision)
-        evaluation.update(test_error_top1=errors[0], test_loss=loss)
-        if len(errors) > 1:
-            evaluation["test_error_top5"] = errors[1]
-    evaluation["provenance"] = provenance(device)
+    evaluation = evaluation_record(result, errors, loss, device)
     write_json(run_dir / "evaluation.json", evaluation)
     return evaluation
 

@@ -107,6 +107,17 @@ class Rule:
                                  f"{name}_stop ({stop}): {name} would never count")
         return values
 
+    def parse_options(self, pairs: list[str], flag: str = "") -> dict:
+        """Options written KEY=VALUE (command lines; `flag` names where, in errors), checked,
+        defaults filled in."""
+        given = {}
+        for pair in pairs:
+            key, separator, value = pair.partition("=")
+            if not separator or not key:
+                raise ValueError(f"{flag}{pair!r}: write KEY=VALUE")
+            given[key] = value
+        return self.resolve_options(given)
+
     @property
     def learns_by_optimizer(self) -> bool:
         """Whether B is a Parameter that the optimizer steps (kp, sa, aa, ia)."""

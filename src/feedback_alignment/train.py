@@ -37,6 +37,7 @@ from . import data as datasets
 from .checkpoint import TrainState, resume, save_checkpoint
 from .convert import after_step, feedback_layers, set_progress
 from .distributed import BACKENDS, World, claim_gpu_slot, close_world, cuda_device_ids, init_world
+from .evaluate import evaluate_run, evaluation_record
 from .optim import BatchManhattan
 from .provenance import provenance, torch_save, write_csv, write_json
 from .rules import RULES, SCALES, get_rule
@@ -115,13 +116,7 @@ def build_optimizer(name, parameters, lr, momentum, weight_decay):
 
 def parse_rule_options(rule: str, pairs: list[str]) -> dict:
     """--rule-option KEY=VALUE pairs as the rule's checked options, defaults filled in."""
-    given = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--rule-option {pair!r}: write KEY=VALUE")
-        given[key] = value
-    return get_rule(rule).resolve_options(given)
+    return get_rule(rule).parse_options(pairs, flag="--rule-option ")
 
 
 class StopRequest:
@@ -181,8 +176,11 @@ def run(args) -> dict:
 def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
     config = run_config(args)
     reused = tuning.reuse(config, tuning_runs, Path(args.out), copy=world.is_main)
-    if reused is not None:  # a tuning run trained this one already: no device, data or model needed
-        return finish(world, Path(args.out), reused)
+    if reused is not None:  # a tuning run trained this one already: no model to train
+        result = finish(world, Path(args.out), reused)
+        if world.is_main:  # its best weights, measured again under this run's config
+            evaluate_run(Path(args.out), device_name, args.threads)
+        return result
     t = setup(args, config, world, device_name)
     if t.checkpoint_path.is_file():
         t.state = resume(t.checkpoint_path, t.config, t.model, t.optimizer, t.device)
@@ -199,6 +197,10 @@ def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
             diverged_at = train_epoch(t, progress)
     write_tables(t)  # again: a diverged or empty run still gets its (possibly empty) history
     result = finish(world, t.out, run_result(t, diverged_at))
+    if world.is_main:  # the best epoch's test pass: what evaluating best.pt again would measure
+        best = t.state.best_test or {}
+        write_json(t.out / "evaluation.json",
+                   evaluation_record(result, best.get("errors"), best.get("loss"), t.device))
     if t.gpu_lock is not None:
         t.gpu_lock.close()
     return result
@@ -347,13 +349,15 @@ def finish_epoch(t: Training, lr: float, sums: dict, seconds: float) -> dict | N
         return dict(epoch=epoch + 1, step=bad_step if bad_step > 0 else t.state.step)
     topk = reported_topk(t.loaders.num_classes)
     (val_error, *_), _ = evaluate(t.compiled, t.loaders.eval("val"), topk, t.world, t.device, t.precision)
-    (test_error, *_), _ = evaluate(t.compiled, t.loaders.eval("test"), topk, t.world, t.device, t.precision)
+    test_errors, test_loss = evaluate(t.compiled, t.loaders.eval("test"), topk, t.world, t.device, t.precision)
+    test_error = test_errors[0]
     t.state.history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_error=train_error,
                                 val_error=val_error, test_error=test_error, lr=lr,
                                 images=int(seen), seconds=seconds, images_per_s=seen / seconds))
     write_tables(t)
     if val_error < t.state.best_val:
         t.state.best_val, t.state.best_epoch = val_error, epoch + 1
+        t.state.best_test = dict(errors=test_errors, loss=test_loss)
         if t.world.is_main:
             torch_save(t.out / "best.pt", dict(model=t.model.state_dict(), epoch=epoch + 1))
     t.state.epoch, t.state.sums, t.state.epoch_seconds = epoch + 1, None, 0.0

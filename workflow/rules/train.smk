@@ -1,7 +1,9 @@
 # One job per run; the CLI does the work. Threads reach torch through --threads.
 # checkpoint.pt and best.pt are written beside the declared outputs but not declared: Snakemake
 # deletes the declared outputs of a failed or preempted job, and the rerun resumes from the
-# checkpoint. evaluate reads best.pt, which exists whenever result.json does.
+# checkpoint. evaluation.json (the best weights' test errors) comes from the same job: the test
+# pass of the best epoch, no second process to load the weights again (python -m
+# feedback_alignment evaluate re-measures a run by hand).
 RUN = STUDY.run_dir(Run("{dataset}", "{arch}", "{learning_rule}", "{variant}", "{seed}"))
 
 
@@ -20,6 +22,7 @@ rule train:
     output:
         result=f"{RUN}/result.json",
         history=f"{RUN}/history.csv",
+        evaluation=f"{RUN}/evaluation.json",
     params:
         flags=train_flags,
         launcher=STUDY.launcher(),
@@ -41,25 +44,3 @@ rule train:
         "{params.launcher} --dataset {wildcards.dataset} --data {input.data} "
         "--rule {wildcards.learning_rule} --seed {wildcards.seed} {params.flags} {params.selected} "
         "--device {params.device} --out $(dirname {output.result}) > {log} 2>&1"
-
-
-rule evaluate:
-    input:
-        result=f"{RUN}/result.json",
-        data=data_file,
-    output:
-        f"{RUN}/evaluation.json",
-    params:
-        # One pass over the test set from best.pt: seconds of a GPU, not worth holding one.
-        device="cpu",
-    threads: RESOURCES["threads"]
-    resources:
-        mem_mb=RESOURCES["mem_mb"],
-        runtime=max(5, RESOURCES["runtime"] // 10),
-    log:
-        f"{RUN}/evaluate.log",
-    conda:
-        "../envs/feedback-alignment.yaml"
-    shell:
-        "python -m feedback_alignment evaluate --run $(dirname {output}) --data {input.data} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
