@@ -108,3 +108,63 @@ def test_measure_leaves_the_model_untouched():
 def test_measure_needs_a_converted_model():
     with pytest.raises(ValueError, match="needs a converted model"):
         fa.alignment.measure(mlp(), *toy_batch())
+
+
+class ResidualNet(nn.Module):
+    """conv - relu - conv, plus the input (a skip), relu, global mean, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h2 = F.relu(self.conv2(F.relu(self.conv1(x))) + x)
+        return self.fc(h2.mean((2, 3)))
+
+
+def _hand_signals(model, x, labels, through):
+    """The error each layer sends into its input and its weight gradient, written out: the
+    output error back through `through(layer)` (B under fa, W under backprop) at each layer,
+    ReLU masks, the mean's 1/(H W); a layer's own signal only (not the skip's share)."""
+    conv1, conv2, fc = model.conv1, model.conv2, model.fc
+    z1 = F.conv2d(x, conv1.weight, conv1.bias, padding=1)
+    h1 = F.relu(z1)
+    z2 = F.conv2d(h1, conv2.weight, conv2.bias, padding=1) + x
+    h2 = F.relu(z2)
+    pooled = h2.mean((2, 3))
+    logits = F.linear(pooled, fc.weight, fc.bias)
+    g_logits = (logits.softmax(1) - F.one_hot(labels, 4)) / x.shape[0]
+    g_pooled = g_logits @ through(fc)
+    g_z2 = (g_pooled[:, :, None, None] / (x.shape[2] * x.shape[3])).expand_as(z2) * (z2 > 0)
+    g_h1 = torch.nn.grad.conv2d_input(h1.shape, through(conv2), g_z2, padding=1)
+    g_z1 = g_h1 * (z1 > 0)
+    g_x = torch.nn.grad.conv2d_input(x.shape, through(conv1), g_z1, padding=1)
+    return {"conv1": (torch.nn.grad.conv2d_weight(x, conv1.weight.shape, g_z1, padding=1), g_x),
+            "conv2": (torch.nn.grad.conv2d_weight(h1, conv2.weight.shape, g_z2, padding=1), g_h1),
+            "fc": (g_logits.t() @ pooled, g_pooled)}
+
+
+@pytest.mark.usefixtures("float64")
+def test_fas_signal_and_update_angles_are_those_of_the_hand_computed_signals_through_a_residual_block():
+    """measure's angle_signal, angle_update and gradient norms under fa against the signals
+    written out by hand: the error at each layer's input through B (and backprop's through W),
+    where the block's input feeds both conv1 and the skip."""
+    torch.manual_seed(0)
+    model = fa.convert(ResidualNet(), rule="fa", seed=3)
+    x, labels = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0])
+    frame = fa.alignment.measure(model, x, labels).set_index("layer")
+    with torch.no_grad():
+        rule = _hand_signals(model, x, labels, lambda layer: layer.feedback_weight)
+        exact = _hand_signals(model, x, labels, lambda layer: layer.weight)
+    for name in ("conv1", "conv2", "fc"):
+        (grad, signal), (grad_bp, signal_bp) = rule[name], exact[name]
+        row = frame.loc[name]
+        assert row.angle_signal == pytest.approx(fa.alignment.angle_degrees(signal, signal_bp), abs=1e-9), name
+        assert row.angle_update == pytest.approx(fa.alignment.angle_degrees(grad, grad_bp), abs=1e-9), name
+        assert row.grad_norm == pytest.approx(float(grad.norm()), rel=1e-9), name
+        assert row.grad_norm_bp == pytest.approx(float(grad_bp.norm()), rel=1e-9), name
+    # fa's B is not W: the signals below the classifier point elsewhere, and the classifier's
+    # own update is backprop's (its output error is exact).
+    assert frame.loc["conv1"].angle_signal > 10 and frame.loc["conv2"].angle_signal > 10
+    assert frame.loc["fc"].angle_update == pytest.approx(0, abs=1e-6)
