@@ -249,19 +249,36 @@ def test_shared_module_stays_shared():
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn", "mobilenet_v2"])
 def test_torchvision_models_convert_and_train_a_step(arch):
+    """Every conv and linear layer converted; the classifier, whose output error is exact, gets
+    the plain model's weight gradient and sends back (output error) @ B; a step trains."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, num_classes=5)
-    model = fa.convert(model, rule="frsf", scale="match", seed=0)
+    plain = torchvision.models.get_model(arch, weights=None, num_classes=5)
+    model = fa.convert(copy.deepcopy(plain), rule="frsf", scale="match", seed=0)
     counts = {nn.Conv2d: 0, nn.Linear: 0}
     for module in model.modules():
         assert type(module) not in counts, f"{type(module).__name__} left unconverted"
+    classifier, plain_classifier = ([m for m in net.modules() if isinstance(m, nn.Linear)][-1] for net in (model, plain))
+    seen = {}
+
+    def keep_input_gradient(module, args):
+        args[0].register_hook(lambda grad: seen.__setitem__("input_grad", grad))
+
+    classifier.register_forward_pre_hook(keep_input_gradient)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
-    loss = F.cross_entropy(model(images), labels)
+    torch.manual_seed(1)  # the same dropout masks in both models
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
     loss.backward()
+    torch.manual_seed(1)
+    F.cross_entropy(plain(images), labels).backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(classifier.weight.grad, plain_classifier.weight.grad, rtol=1e-5, atol=1e-7)
+    output_error = (logits.detach().softmax(1) - F.one_hot(labels, 5)) / 2
+    torch.testing.assert_close(seen["input_grad"], output_error @ classifier.feedback_weight, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(seen["input_grad"], output_error @ classifier.weight.detach(), rtol=1e-2, atol=0)
     optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
