@@ -169,7 +169,9 @@ def _mirror_phase(model, step: int, options: dict) -> None:
         mirror_step(model, options["lr"], options["decay"], options["batch"], options["budget"])
 
 
-def _coefficients(**defaults: float) -> tuple[Option, ...]:
+# Not mutated (TESTING.md): it runs while the registry is built at import, where a mutant's
+# failure is an import error, not a failing test.
+def _coefficients(**defaults: float) -> tuple[Option, ...]:  # pragma: no mutate block
     """The coefficients of R's terms (the reference implementation's defaults), each with the
     part of training where it counts (constant by default), and one factor on all of them: it
     keeps R's minimum (where B goes) and sets how fast B gets there."""
