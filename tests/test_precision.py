@@ -79,12 +79,16 @@ def test_channels_last_gives_the_contiguous_gradients(rule):
 
 
 def test_train_cli_under_bf16_channels_last_and_compile(tmp_path):
-    result = train_digits(tmp_path, "--arch", "convnet", "--depth", "2", "--width", "8", "--rule", "frsf",
-                          "--scale", "match", "--epochs", "2", "--batch-size", "64", "--max-batches", "4",
-                          "--device", "cpu", "--threads", "1", "--precision", "bf16", "--channels-last",
-                          "--compile")
+    """The same 8 steps under bf16, channels-last and compile as in plain fp32: the same run up to
+    bf16's rounding (measured: losses 2.29900 and 2.29895, test errors equal)."""
+    flags = ("--arch", "convnet", "--depth", "2", "--width", "8", "--rule", "frsf", "--scale", "match",
+             "--epochs", "2", "--batch-size", "64", "--max-batches", "4", "--device", "cpu", "--threads", "1")
+    result = train_digits(tmp_path / "bf16", *flags, "--precision", "bf16", "--channels-last", "--compile")
+    reference = train_digits(tmp_path / "fp32", *flags, "--precision", "fp32")
     assert result["placement"] == dict(world_size=1, precision="bf16", channels_last=True, compile=True)
-    assert result["status"] == "completed" and result["final_train_loss"] < 2.3  # ln(10): it learned
+    assert result["status"] == "completed"
+    assert result["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=2e-3)
+    assert abs(result["final_test_error"] - reference["final_test_error"]) <= 1.0  # points: 3 of 360 images
 
 
 @pytest.mark.parametrize("fill", ["uniform_", "fast_uniform_"])
