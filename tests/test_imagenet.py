@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import scipy.io
 from PIL import Image
 
@@ -69,6 +70,43 @@ def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
     for history in (a, b):
         assert all(abs(e / 25 - round(e / 25)) < 1e-9 for e in history["val_error"]), list(history["val_error"])
         assert all(abs(e / 10 - round(e / 10)) < 1e-9 for e in history["test_error"]), list(history["test_error"])
+    # The same run: the same images in each global batch, with the same crops and flips (seeded
+    # per image, not per worker), so the same losses and weights up to float summation order.
+    for column in ("train_loss", "train_error", "val_error", "test_error"):
+        pd.testing.assert_series_equal(b[column], a[column], rtol=1e-4, atol=1e-3)
+    wa, wb = (torch.load(tmp_path / name / "best.pt", weights_only=True)["model"] for name in ("single", "parallel"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_augmentation_is_drawn_per_run_seed_epoch_and_image(manifest):
+    """The same (epoch, image) gives the same crop whatever the random state around it, which it
+    leaves alone; another epoch, image or run seed gives another crop."""
+    from feedback_alignment.imagenet import ImageNetLoaders, _Augmented
+
+    config = dict(data=str(manifest), crop=16, workers=0, threads=1, batch_size=4, max_batches=None, seed=0)
+    augmented = _Augmented(ImageNetLoaders(config, torch.device("cpu")).train_set, seed=0)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first, label = augmented[(0, 3)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    torch.manual_seed(2)
+    again, _ = augmented[(0, 3)]
+    assert torch.equal(first, again)
+    # The same file's other crops: epochs 1-3, and run seed 1 (20 training images; 5 draws each
+    # to rule out a chance repeat of the same crop).
+    assert all(not torch.equal(first, augmented[(epoch, 3)][0]) for epoch in (1, 2, 3))
+    assert not torch.equal(first, _Augmented(augmented.images, seed=1)[(0, 3)][0])
+    # Different images do not share one draw: crops' positions differ (compared as the crop
+    # parameters the same seeds give to torchvision's sampler).
+    from torchvision import transforms
+    boxes = set()
+    for position in range(6):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmented.seed_of(0, position))
+            boxes.add(transforms.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), (0.08, 1.0), (3 / 4, 4 / 3)))
+    assert len(boxes) == 6
 
 
 def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(manifest):

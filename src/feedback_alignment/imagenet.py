@@ -27,17 +27,40 @@ PREFETCH_BATCHES = 4  # per worker
 
 
 class _Order(Sampler):
-    """The images of the current epoch's remaining batches, in order; set before each epoch, so
-    that one DataLoader (and its persistent workers) serves every epoch."""
+    """The images of the current epoch's remaining batches, in order, as (epoch, position) keys;
+    set before each epoch, so that one DataLoader (and its persistent workers) serves every epoch."""
 
     def __init__(self):
-        self.indices: list[int] = []
+        self.indices: list[tuple[int, int]] = []
 
     def __iter__(self):
         return iter(self.indices)
 
     def __len__(self):
         return len(self.indices)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """The training images, each augmented with random draws seeded by (run seed, epoch, image):
+    the same crops and flips whichever process or worker loads the image, so that a run gives
+    the same batches with any number of processes and workers. The draws happen in a forked
+    random state: the loading process's own stream is left as it was (workers=0 loads in the
+    training process)."""
+
+    def __init__(self, images: Subset, seed: int):
+        self.images, self.seed = images, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def seed_of(self, epoch: int, position: int) -> int:
+        return epoch_seed(self.seed, epoch) * 1_000_003 + position
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, position = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed_of(epoch, position))
+            return self.images[position]
 
 
 class ImageNetLoaders:
@@ -98,11 +121,12 @@ class ImageNetLoaders:
                 return
             yield batch
 
-    def train_loader(self, indices: list[int], batch_size: int) -> DataLoader:
-        """The one training DataLoader, now serving `indices` (positions in train_set)."""
-        self._order.indices = indices
+    def train_loader(self, epoch: int, indices: list[int], batch_size: int) -> DataLoader:
+        """The one training DataLoader, now serving `indices` (positions in train_set) of `epoch`."""
+        self._order.indices = [(epoch, index) for index in indices]
         if self._train_loader is None:
-            self._train_loader = self._loader(self.train_set, batch_size, sampler=self._order, drop_last=True)
+            augmented = _Augmented(self.train_set, int(self.config["seed"]))
+            self._train_loader = self._loader(augmented, batch_size, sampler=self._order, drop_last=True)
         return self._train_loader
 
     def probe_batch(self, size):
@@ -118,12 +142,11 @@ class ImageNetLoaders:
 
 class _ImageNetEpoch:
     """One training epoch in a fixed shuffled order (seeded by seed and epoch), resumable at a
-    batch: its state is the index of the next batch. (Augmentation in the workers is random and
-    not replayed; ImageNet resumes continue the same image order, not bit-identical batches.)
-    Under data parallelism each rank loads only its share of every global batch."""
+    batch: its state is the index of the next batch. The augmentation is seeded per image too
+    (_Augmented). Under data parallelism each rank loads only its share of every global batch."""
 
     def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
-        self.loaders = loaders
+        self.loaders, self.epoch = loaders, epoch
         generator = torch.Generator().manual_seed(epoch_seed(loaders.config["seed"], epoch))
         self.order = torch.randperm(len(loaders.train_set), generator=generator)
         self.next = int(state["next"]) if state else 0
@@ -133,7 +156,7 @@ class _ImageNetEpoch:
         count = loaders.train_batches_per_epoch()
         share = loaders.world.share(batch_size)
         remaining = self.order[self.next * batch_size:count * batch_size].view(-1, batch_size)
-        loader = loaders.train_loader(remaining[:, share].flatten().tolist(), share.stop - share.start)
+        loader = loaders.train_loader(self.epoch, remaining[:, share].flatten().tolist(), share.stop - share.start)
         for batch in loaders._to_device(loader):
             self.next += 1
             yield batch
