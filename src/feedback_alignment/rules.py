@@ -124,7 +124,7 @@ class Rule:
         return self.learning in ("gradient", "regularizer")
 
     @property
-    def scalable(self) -> bool:
+    def scalable(self) -> bool:  # pragma: no mutate block (read when the tests are collected)
         """Whether the feedback scale techniques apply: not to a B that is learned or that maps
         the output error (a vector of class scores) rather than mirroring W."""
         return self.learning is None and self.signal == "layer"
@@ -255,7 +255,8 @@ RULES: tuple[str, ...] = tuple(_REGISTRY)
 SCALES: tuple[str, ...] = ("none", "init", "match")
 
 
-def get_rule(name: str) -> Rule:
+# Not mutated (TESTING.md): the tests' parameter lists call it when they are collected.
+def get_rule(name: str) -> Rule:  # pragma: no mutate block
     try:
         return _REGISTRY[name]
     except KeyError:
