@@ -229,6 +229,17 @@ def test_weight_mirrors_are_reproducible_and_leave_w_alone():
         assert torch.equal(la.weight, w), name
 
 
+def test_mirror_noise_takes_the_cheap_16_bit_draws_at_unit_variance():
+    """Noise drawn every mirror phase uses the 2^16-level draws (draws.fast_uniform_), as brsf's
+    per-step magnitudes do: U(-sqrt 3, sqrt 3) on the grid low + (k + 1/2) step."""
+    layer = mirror_model()[0]
+    noise = fa.mirror._noise(layer, (64, 100)).double()
+    low, step = -(3 ** 0.5), 2 * 3 ** 0.5 / 2**16
+    k = (noise - low) / step - 0.5
+    assert torch.allclose(k, k.round(), atol=1e-3) and noise.abs().max() < 3 ** 0.5
+    assert noise.var().item() == pytest.approx(1.0, abs=0.05)
+
+
 def test_mirror_step_ignores_other_rules():
     assert fa.mirror.mirror_step(fa.convert(mlp(), rule="fa")) == 0
 

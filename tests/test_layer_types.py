@@ -332,3 +332,7 @@ def test_weight_mirrors_learn_w_for_every_convolution_type(make):
     for _ in range(60):
         fa.mirror.mirror_step(layer)
     assert angle_degrees(layer.feedback_weight, layer.weight) < 5
+    # B_60 = 0.95^60 B_0 + (1 - 0.95^60) W + noise: W's share 0.954, so ||B|| / ||W|| too (an
+    # estimate divided by the wrong number of samples is off by their ratio).
+    ratio = float(layer.feedback_weight.norm() / layer.weight.detach().norm())
+    assert ratio == pytest.approx(1 - 0.95**60, abs=0.05)
