@@ -236,7 +236,7 @@ def test_mirror_noise_takes_the_cheap_16_bit_draws_at_unit_variance():
     noise = fa.mirror._noise(layer, (64, 100)).double()
     low, step = -(3 ** 0.5), 2 * 3 ** 0.5 / 2**16
     k = (noise - low) / step - 0.5
-    assert torch.allclose(k, k.round(), atol=1e-3) and noise.abs().max() < 3 ** 0.5
+    assert torch.allclose(k, k.round(), atol=0.01) and noise.abs().max() < 3 ** 0.5  # float32 rounding
     assert noise.var().item() == pytest.approx(1.0, abs=0.05)
 
 
