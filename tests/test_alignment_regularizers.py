@@ -28,7 +28,7 @@ def reference_primitives(coefficients: dict, plain: nn.Module, weight, feedback,
     def apply(input, w):
         return torch.func.functional_call(plain, {"weight": w}, (input,))
 
-    n = x.shape[0]
+    n = 1 if x.dim() == 1 else x.shape[0]  # a linear layer's 1-d input is one example
     r, s = apply(x, weight), apply(x, feedback)
     probe = torch.zeros_like(x, requires_grad=True)  # the map is linear: its adjoint at any point
     u, = torch.autograd.grad(apply(probe, feedback), probe, grad_outputs=r, create_graph=True)
@@ -42,6 +42,7 @@ def reference_primitives(coefficients: dict, plain: nn.Module, weight, feedback,
 LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (6, 7)),
     "linear-sequence": (lambda: nn.Linear(7, 5), (3, 4, 7)),  # N = 3 examples of 4 positions
+    "linear-unbatched": (lambda: nn.Linear(7, 5), (7,)),  # N = 1
     "conv2d-stride-padding-groups": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (5, 4, 9, 9)),
     "conv1d-dilation-no-bias": (lambda: nn.Conv1d(3, 4, 3, dilation=2, padding=2, bias=False), (4, 3, 11)),
     "conv2d-reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (3, 2, 6, 6)),

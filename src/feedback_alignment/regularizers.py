@@ -61,8 +61,7 @@ class Terms(NamedTuple):
 def scheduled(primitive_of: dict[str, str], options: dict) -> list[str]:
     """The coefficients whose term of R is on for part of training only: the option NAME_start
     above 0 or NAME_stop below 1 (fractions of training)."""
-    return [option for option in primitive_of
-            if options.get(f"{option}_start", 0.0) > 0.0 or options.get(f"{option}_stop", 1.0) < 1.0]
+    return [option for option in primitive_of if options[f"{option}_start"] > 0.0 or options[f"{option}_stop"] < 1.0]
 
 
 def terms(primitive_of: dict[str, str], options: dict, progress: float | None = None) -> Terms:
@@ -70,20 +69,20 @@ def terms(primitive_of: dict[str, str], options: dict, progress: float | None = 
     only for a coefficient on a schedule): `primitive_of` maps option name -> primitive; the
     option `strength` multiplies them all; a coefficient counts from the fraction NAME_start of
     training until NAME_stop (0 outside; a stop of 1 includes the end)."""
-    strength = float(options.get("strength", 1.0))
+    strength = float(options["strength"])
     on_schedule = set(scheduled(primitive_of, options))
     if on_schedule and progress is None:
         raise RuntimeError(f"coefficient {sorted(on_schedule)[0]!r} is on a schedule over training: tell the "
                            "model how far training is with fa.set_progress(model, fraction) before each step")
 
     def coefficient(option: str) -> float:
-        start, stop = options.get(f"{option}_start", 0.0), options.get(f"{option}_stop", 1.0)
+        start, stop = options[f"{option}_start"], options[f"{option}_stop"]
         if option in on_schedule and not (start <= progress and (progress < stop or stop == 1.0)):
             return 0.0
         return strength * float(options[option])
 
     return Terms(**{primitive: coefficient(option) for option, primitive in primitive_of.items()},
-                 examples=int(options.get("examples", 0)))
+                 examples=int(options["examples"]))
 
 
 def _weight_gradient(grad_output: Tensor, input: Tensor, feedback: Tensor, conv) -> Tensor:
