@@ -58,7 +58,7 @@ def test_tiny_study_end_to_end(tmp_path):
     # recorded there, and what loading best.pt into a fresh model and measuring again gives.
     assert evaluation["test_error_top1"] == pytest.approx(history.set_index("epoch").test_error[result["best_epoch"]],
                                                           abs=1e-9)
-    again = evaluate_run(run, "cpu", threads=1)
+    again = evaluate_run(run, "cpu", threads=1, data=str(tmp_path / "resources" / "data" / "digits.pt"))
     assert again["test_error_top1"] == pytest.approx(evaluation["test_error_top1"], abs=1e-9)
     assert again["test_loss"] == pytest.approx(evaluation["test_loss"], rel=1e-6)
     assert {key: value for key, value in again.items() if key != "provenance"} == {
