@@ -83,8 +83,6 @@ class FeedbackLayer:
                         constrain_weight_norm: bool) -> None:
         self.rule = get_rule(rule)
         self.scale = check_scale(scale, self.rule)
-        # How far training is (a fraction), for options on a schedule; set by fa.set_progress.
-        self.training_progress: float | None = None
         # Positions the latest forward through B applied W at (set for weight mirrors only).
         self.forward_positions: int | None = None
         self.rule_options = self.rule.resolve_options({})  # convert sets the model's own
@@ -146,16 +144,16 @@ class FeedbackLayer:
         self._rule_options = options
         # R's coefficients are worked out here and when training progresses past a schedule's
         # edge, not at every forward.
-        self._scheduled = (self.rule.regularizer is not None
-                           and bool(regularizers.scheduled(self.rule.regularizer, options)))
+        # Whether an option is on a schedule over training, so that fa.set_progress has work here.
+        self.needs_progress = (self.rule.regularizer is not None
+                               and bool(regularizers.scheduled(self.rule.regularizer, options)))
         self._regularizer_terms = None
-        if self.rule.regularizer is not None and not self._scheduled:
+        if self.rule.regularizer is not None and not self.needs_progress:
             self._regularizer_terms = regularizers.terms(self.rule.regularizer, options)
 
     def set_progress(self, fraction: float) -> None:
         """How far training is (0 at the first step, 1 at the end), for options on a schedule."""
-        self.training_progress = fraction
-        if self._scheduled:
+        if self.needs_progress:
             self._regularizer_terms = regularizers.terms(self.rule.regularizer, self.rule_options, fraction)
 
     def host_draw_count(self) -> int:
@@ -369,7 +367,7 @@ class FeedbackLayer:
                                                 self.layer_name, conv, pad)
         gain = None if self.scale == "none" else self.feedback_gain  # under "none" it stays 1
         terms = self._regularizer_terms
-        if terms is None and self._scheduled:  # fa.set_progress was never called: the error says to
+        if terms is None and self.needs_progress:  # fa.set_progress was never called: the error says to
             regularizers.terms(self.rule.regularizer, self.rule_options, progress=None)
         if conv is None:
             output = FeedbackLinearFunction.apply(input, weight, bias, feedback, gain, terms)

@@ -91,6 +91,7 @@ def _noise(layer, shape) -> torch.Tensor:
 def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
     """W_hat = y x^T / samples from `batch_size` noise images (or 64 x as many noise vectors)."""
     weight = layer.weight.detach().float()
+    samples = batch_size * _samples_per_image(layer)
     if isinstance(layer, nn.modules.conv._ConvNd):
         # sum over images and positions of y x_patch^T: the weight gradient of y w.r.t. W, for a
         # convolution or a transposed one alike, from noise x and the response y (no padding).
@@ -105,10 +106,7 @@ def _weight_estimate(layer, batch_size: int) -> torch.Tensor:
         conv = (stride, [0] * spatial, dilation, layer.transposed, [0] * spatial, layer.groups)
         y = torch.convolution(x, weight, None, *conv)
         _, estimate, _ = torch.ops.aten.convolution_backward(y, x, weight, None, *conv, [False, True, False])
-        samples = batch_size * _samples_per_image(layer)
     else:
-        # As many noise vectors as a 2-d conv layer gets output positions: the same estimate quality.
-        samples = batch_size * _samples_per_image(layer)
         x = _noise(layer, (samples, weight.shape[1]))
         estimate = F.linear(x, weight).t().mm(x)
     return (estimate / samples).to(layer.feedback_direction.dtype)

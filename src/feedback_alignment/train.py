@@ -289,9 +289,12 @@ def train_epoch(t: Training, progress) -> dict | None:
                                 first_bad_step=torch.full((), -1, device=t.device), seen=0)
     t.model.train()
     total_steps = args.epochs * t.loaders.train_batches_per_epoch()
+    # Only a rule option on a schedule reads the progress: other models skip the walk over layers.
+    needs_progress = any(layer.needs_progress for _, layer in feedback_layers(t.model))
     start = time.perf_counter()
     for images, labels in epoch_batches:
-        set_progress(t.model, t.state.step / total_steps)  # for rule options on a schedule
+        if needs_progress:
+            set_progress(t.model, t.state.step / total_steps)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         t.optimizer.zero_grad(set_to_none=True)
