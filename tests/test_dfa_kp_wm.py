@@ -363,6 +363,7 @@ def test_every_rules_between_step_work_leaves_a_model_without_it_alone(rule):
     (dict(batch="many"), "rule 'wm' option 'batch' takes an integer, not 'many'"),
     (dict(decay=1.5), "rule 'wm' option 'decay' must be between 0.0 and 1.0, not 1.5"),
     (dict(every=0), "rule 'wm' option 'every' must be at least 1, not 0"),
+    (dict(budget=-0.1), "rule 'wm' option 'budget' must be at least 0.0, not -0.1"),
     (dict(lr=True), "rule 'wm' option 'lr' takes a number, not True"),
 ])
 def test_rule_options_are_checked_by_name_type_and_range(options, message):
