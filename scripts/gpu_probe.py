@@ -85,7 +85,7 @@ def synthetic_cifar10(path: Path) -> None:
     for split, count in (("train", 45000), ("val", 5000), ("test", 10000)):
         splits[split] = (torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator).numpy(),
                          torch.randint(0, 10, (count,), generator=generator).numpy())
-    data._cache(path, "cifar10", splits, 10, data.CIFAR10_MEAN, data.CIFAR10_STD, "synthetic (gpu_probe.py)")
+    data.write_cache(path, "cifar10", splits, 10, (0.5, 0.5, 0.5), (0.29, 0.29, 0.29), "synthetic (gpu_probe.py)")
 
 
 def main(out: Path) -> None:

@@ -1,9 +1,12 @@
 import copy
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,21 @@ def kernel(monkeypatch):
     _switch_fused_kernel(monkeypatch, True)
     yield native.library()
     native.reset()
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """Serves tmp_path/served over HTTP on 127.0.0.1 (an OS-chosen port)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.handle_error = lambda *args: None  # a client that reads only the headers (a redirect check)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

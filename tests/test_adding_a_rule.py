@@ -64,7 +64,7 @@ def test_a_rule_added_in_rules_py_alone_trains_with_its_options(tmp_path):
     (package / "rules.py").write_text(rules)
     env = dict(os.environ, PYTHONPATH=str(package.parent))
     feedback_alignment_copy = [sys.executable, "-m", "feedback_alignment"]
-    subprocess.run(feedback_alignment_copy + ["prepare", "--dataset", "digits", "--out", str(tmp_path / "d.pt")],
+    subprocess.run(feedback_alignment_copy + ["prepare", "--name", "digits", "--out", str(tmp_path / "d.pt")],
                    env=env, check=True, capture_output=True, timeout=300)
     train = subprocess.run(feedback_alignment_copy + [
         "train", "--dataset", "digits", "--data", str(tmp_path / "d.pt"), "--out", str(tmp_path / "run"),

@@ -44,7 +44,7 @@ def class_folders(root, train=12, val=5):
 def manifest(tmp_path_factory):
     root = class_folders(tmp_path_factory.mktemp("imagenet"))
     path = root / "imagenet.json"
-    subprocess.run([sys.executable, "-m", "feedback_alignment", "prepare", "--dataset", "imagenet",
+    subprocess.run([sys.executable, "-m", "feedback_alignment", "prepare", "--name", "imagenet",
                     "--path", str(root), "--val-size", "4", "--out", str(path)], check=True, timeout=120)
     return path
 

@@ -9,6 +9,7 @@ import yaml
 from conftest import REPO, TINY
 from feedback_alignment import settings
 from feedback_alignment.study import ConfigError, Run, Study
+from feedback_alignment.prepare import build_parser as prepare_parser
 from feedback_alignment.train import build_parser
 
 def shipped(name: str) -> dict:
@@ -26,7 +27,15 @@ def shipped(name: str) -> dict:
     (lambda c: c.update(seeds=[0, 0.5]), "seeds.1"),
     (lambda c: c.pop("grid"), "(top level)"),
     (lambda c: c["datasets"].update(imagenet={"path": "/no/such/imagenet"}), "datasets.imagenet.path"),
-    (lambda c: c["datasets"].update(imagenet={}), "datasets.imagenet"),
+    (lambda c: c["datasets"].update(imagenet={}), "datasets.imagenet.path"),
+    (lambda c: c["datasets"].update(mine={"kind": "imagefolder", "path": "/no/such/folder"}), "datasets.mine.path"),
+    (lambda c: c["datasets"].update(mine={"kind": "imagefolder"}), "datasets.mine.path"),
+    (lambda c: c["datasets"].update(mine={"kind": "mnits"}), "datasets.mine.kind"),
+    (lambda c: c["datasets"].update(mine={}), "datasets.mine.kind"),  # a free name needs a kind
+    (lambda c: c["datasets"].update(mnist={"url": "http://127.0.0.1:1/"}), "datasets.mnist.url"),  # mnist: mirror
+    (lambda c: c["datasets"].update(mnist={"md5": "not hex"}), "datasets.mnist.md5"),
+    (lambda c: c["datasets"].update(mnist={"size": 3}), "datasets.mnist"),  # the schema knows no "size"
+    (lambda c: c["datasets"].update({"my data": {"kind": "digits"}}), "datasets"),  # a name paths can carry
     (lambda c: c["variants"]["raw"].update(scale="huge"), "variants.raw.scale"),
     (lambda c: c["training"].update(learning_rate=0.1), "training"),
     (lambda c: c["archs"]["net"].update(training={"epoch": 3}), "archs.net.training"),
@@ -63,25 +72,32 @@ def test_the_grid_is_every_runs_product_each_once_in_block_order():
 
 
 @pytest.mark.parametrize("name, runs, tuning_runs", [("config.yaml", 45, 15 * 3), ("depth.yaml", 324, 96 * 3 + 12 * 6),
-                                                     ("cifar10.yaml", 3 * 69, 69 * 4)])
+                                                     ("cifar10.yaml", 3 * 85, 85 * 4), ("mnist.yaml", 3 * 24, 24 * 3),
+                                                     ("cifar100.yaml", 3 * 24, 24 * 2)])
 def test_the_shipped_studies_have_their_documented_size(name, runs, tuning_runs):
     study = Study(shipped(name))
     assert (len(study.runs), len(study.tuning_runs)) == (runs, tuning_runs)
 
 
-def test_paths_of_a_run_and_its_data():
-    study = Study(TINY)
+def test_paths_of_a_run_and_its_data(tmp_path):
+    study = Study(dict(TINY, datasets={"digits": {}, "pets": {"kind": "imagefolder", "path": str(tmp_path)},
+                                       "inet": {"kind": "imagenet", "path": str(tmp_path)}}))
     assert study.run_dir(Run("digits", "net", "usf", "raw", 1)) == "results/tiny/runs/digits/net/usf-raw/seed1"
     assert study.evaluations()[0] == "results/tiny/runs/digits/net/bp-exact/seed0/evaluation.json"
     assert study.data_file("digits") == "resources/data/digits.pt"
-    assert study.data_file("imagenet") == "resources/data/imagenet.json"
+    assert study.data_file("pets") == "resources/data/pets.pt"  # decoded into a cache
+    assert study.data_file("inet") == "resources/data/inet.json"  # streamed: a manifest of the folder
+    # Which prepare rule makes which file: the streamed names, and the cached ones.
+    assert study.dataset_pattern(streams=True) == "inet"
+    assert study.dataset_pattern(streams=False) == "digits|pets"
+    assert Study(TINY).dataset_pattern(streams=True) == "(?!)"  # matches nothing
 
 
 def test_the_schemas_defaults_fill_what_a_config_leaves_out():
     study = Study(dict(TINY, datasets={"digits": {}, "cifar10": {}}))
     assert study.data_dir == "resources/data"
-    assert study.config["datasets"]["digits"] == {"val_size": 180}
-    assert study.config["datasets"]["cifar10"]["val_size"] == 5000
+    assert study.config["datasets"]["digits"] == {"kind": "digits", "val_size": 180, "split_seed": 0}
+    assert study.config["datasets"]["cifar10"]["val_size"] == 5000  # the kind's default (sources.py)
     assert study.resources == dict(threads=1, gpus=0, runs_per_gpu=1, mem_mb=4000, runtime=60, device="cpu")
     assert Study(dict(TINY, resources={"gpus": 2})).resources["device"] == "cuda"
 
@@ -133,13 +149,29 @@ def test_the_launcher_splits_a_jobs_threads_among_its_gpus():
                                 "--threads 8 --workers 8")
 
 
-def test_prepare_flags_per_dataset(tmp_path):
-    study = Study(dict(TINY, datasets={"digits": {}, "cifar10": {"url": "http://127.0.0.1:1/c.tar.gz"},
-                                       "imagenet": {"path": str(tmp_path)}}))
-    assert study.prepare_flags("digits") == "--val-size 180"
-    assert study.prepare_flags("cifar10") == ("--url http://127.0.0.1:1/c.tar.gz "
-                                              "--md5 c58f30108f718f92721af3b95e74349a --val-size 5000")
-    assert study.prepare_flags("imagenet") == f"--path {tmp_path} --val-size 10000"
+def test_prepare_flags_give_the_cli_each_datasets_kind_and_options(tmp_path):
+    folder = tmp_path / "my images"  # a space: the flags must quote it
+    folder.mkdir()
+    datasets = {"digits": {},
+                "cifar10": {"url": "http://127.0.0.1:1/c.tar.gz", "md5": "c58f30108f718f92721af3b95e74349a"},
+                "fmnist": {"kind": "fashion_mnist", "mirror": "http://127.0.0.1:1/f/", "image_size": 32,
+                           "md5": {"train-images-idx3-ubyte.gz": "0" * 32, "t10k-images-idx3-ubyte.gz": "1" * 32}},
+                "pets": {"kind": "imagefolder", "path": str(folder), "val_size": 7},
+                "imagenet": {"path": str(tmp_path)}}
+    study = Study(dict(TINY, datasets=datasets))
+    assert study.prepare_flags("digits") == "--name digits --kind digits --val-size 180 --split-seed 0"
+    parser = prepare_parser()
+    for name, given in datasets.items():
+        args = parser.parse_args(["--out", "x", *shlex.split(study.prepare_flags(name))])
+        assert (args.name, args.kind) == (name, given.get("kind", name))
+        options = {key: value for key, value in vars(args).items() if key not in ("name", "kind", "out") and value}
+        expected = {key: str(value) for key, value in study.config["datasets"][name].items()
+                    if key != "kind" and value is not None and not isinstance(value, dict)}
+        if isinstance(given.get("md5"), dict):
+            expected["md5"] = [f"{file}={digest}" for file, digest in given["md5"].items()]
+        elif "md5" in given:
+            expected["md5"] = [given["md5"]]
+        assert options == expected, name
 
 
 def tuned(**sweep) -> dict:
@@ -195,7 +227,7 @@ def test_a_study_without_tuning_has_no_tuning_runs():
     assert study.tuning_runs == [] and study.selection_files() == [] and study.points("bp") == [""]
 
 
-@pytest.mark.parametrize("name", ["cifar10.yaml", "depth.yaml", "imagenet.yaml"])
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar100.yaml", "mnist.yaml", "depth.yaml", "imagenet.yaml"])
 def test_no_setting_of_a_shipped_study_comes_from_the_default_studys_config(name):
     # Snakemake merges a --configfile into config/config.yaml key by key: whatever the default
     # study sets and this one does not, this one would inherit (ImageNet probed alignment every

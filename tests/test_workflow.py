@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO, TINY, snakemake
 from feedback_alignment import data
 from feedback_alignment.evaluate import evaluate_run
+from test_sources import image_folder
 
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a Snakemake plan, as {rule: count}."""
@@ -95,6 +96,26 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (results / "figures" / "final_error.png").exists()
 
 
+@pytest.mark.slow
+def test_an_image_folder_study_runs_end_to_end(tmp_path):
+    # A researcher's own folder under a free name, resized for LeNet, two rules, through Snakemake.
+    root = image_folder(tmp_path / "my pets", per_class=(24, 6))  # a space in the path: quoted
+    config = dict(TINY, experiment="pets", seeds=[0],
+                  datasets={"pets": {"kind": "imagefolder", "path": str(root), "image_size": 32}},
+                  archs={"lenet": {"arch": "lenet_mnist", "batch_norm": False}},
+                  grid=[{"datasets": ["pets"], "archs": ["lenet"], "rules": ["bp", "usf"], "variants": ["raw"]}])
+    write_config(tmp_path, config)
+    snakemake(tmp_path, "--cores", "2")
+    cache = torch.load(tmp_path / "resources" / "data" / "pets.pt", weights_only=True)
+    assert cache["kind"] == "imagefolder" and cache["train_images"].shape == (44, 1, 32, 32)
+    summary = pd.read_csv(tmp_path / "results" / "pets" / "summary.csv")
+    assert set(zip(summary.dataset, summary.kind, summary.arch, summary.model, summary.rule)) == {
+        ("pets", "imagefolder", "lenet", "lenet_mnist", "bp"), ("pets", "imagefolder", "lenet", "lenet_mnist", "usf")}
+    evaluation = json.loads((tmp_path / "results/pets/runs/pets/lenet/usf-raw/seed0/evaluation.json").read_text())
+    assert evaluation["dataset_kind"] == "imagefolder" and evaluation["num_classes"] == 2
+    assert evaluation["status"] == "completed" and 0 <= evaluation["test_error_top1"] <= 100
+
+
 def test_a_config_that_cannot_run_stops_snakemake_with_one_line_naming_the_key(tmp_path):
     # Every check is tested in-process (tests/test_study.py); this is the path through Snakemake.
     config = json.loads(json.dumps(TINY))
@@ -121,7 +142,7 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     path = write_config(tmp_path, config, "imagenet.yaml")
     process = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
     counts = job_counts(process.stdout)
-    assert counts["train"] == 69 and "prepare_imagenet" in process.stdout
+    assert counts["train"] == 69 and "prepare_streamed" in process.stdout
     assert "train_tuning" not in counts  # its tuning: null drops the default study's tuning block
     # Eight GPUs per run: one data-parallel process per GPU, the job's 64 threads split among them,
     # each with the config's DataLoader workers.
@@ -149,7 +170,7 @@ def test_slurm_profile_plans_the_grid(tmp_path):
                         "--configfile", str(REPO / "config" / "cifar10.yaml"))
     out = process.stdout
     counts = job_counts(out)
-    assert counts["train"] == 207 and counts["train_tuning"] == 69 * 4 and "evaluate" not in counts
+    assert counts["train"] == 255 and counts["train_tuning"] == 85 * 4 and "evaluate" not in counts
     assert "gpu=1" in out and "slurm_partition=gpu" in out
     assert "gpu_model" not in out.replace("gpu_model=,", "")  # none set: any GPU
     assert "slurm_extra=--signal=USR1@300" in out  # the warning before the time limit

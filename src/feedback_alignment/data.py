@@ -1,21 +1,15 @@
-"""Datasets: prepared once into a cache, then served as batches kept on the training device.
+"""Datasets: the tensor cache and how batches are served from it (sources.py prepares them).
 
 - digits   : scikit-learn's 8x8 handwritten digits (ships with scikit-learn; no network)
-- cifar10  : the official python archive, fetched with torchvision's download code (md5-checked),
-             extracted safely, cached as uint8 tensors; 45k/5k train/val split
 - imagenet : a user-supplied folder (ImageFolder train/ and val/, or the official tarballs)
+- the other kinds (sources.py) arrive here as uint8 arrays and are cached the same way
 
-Small datasets live on the device as uint8 and are augmented there as tensors (random crop with
+Cached datasets live on the device as uint8 and are augmented there as tensors (random crop with
 padding, horizontal flip), so no DataLoader workers sit in the hot path.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
-import shutil
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,32 +20,33 @@ from torch import Tensor
 
 from .provenance import torch_save
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_TARBALLS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
-TENSOR_DATASETS = ("digits", "cifar10")
-DATASETS = TENSOR_DATASETS + ("imagenet",)
 
 
 class DataError(ValueError):
     """A dataset is missing, corrupt or malformed; the message says which and where."""
 
 
-def _split(images: np.ndarray, labels: np.ndarray, holdout: int, seed: int):
+def split_off(images: np.ndarray, labels: np.ndarray, holdout: int, seed: int):
+    """(the rest, `holdout` images drawn with `seed`): the held-out split that selects models."""
     order = np.random.RandomState(seed).permutation(len(labels))
     return (images[order[holdout:]], labels[order[holdout:]]), (images[order[:holdout]], labels[order[:holdout]])
 
 
-def _cache(path: Path, name: str, splits: dict, num_classes: int, mean, std, source: str) -> None:
-    record = dict(name=name, num_classes=num_classes, mean=list(mean), std=list(std), source=source)
+def write_cache(path: Path, name: str, splits: dict, num_classes: int, mean, std, source: str,
+                kind: str | None = None) -> None:
+    """The cache: uint8 images and int64 labels per split, the class count and the training
+    split's per-channel mean and std (in [0, 1])."""
+    record = dict(name=name, kind=kind or name, num_classes=num_classes, mean=list(mean), std=list(std),
+                  source=source)
     for split, (images, labels) in splits.items():
         record[f"{split}_images"] = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.uint8)
         record[f"{split}_labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     torch_save(path, record)
 
 
-def prepare_digits(out: Path, val_size: int = 180, test_size: int = 360, split_seed: int = 0) -> None:
+def prepare_digits(out: Path, val_size: int = 180, test_size: int = 360, split_seed: int = 0,
+                   name: str = "digits") -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -59,77 +54,11 @@ def prepare_digits(out: Path, val_size: int = 180, test_size: int = 360, split_s
     labels = digits.target.astype(np.int64)
     if val_size + test_size >= len(labels):
         raise DataError(f"digits has {len(labels)} images; val_size + test_size must leave some to train")
-    rest, test = _split(images, labels, test_size, split_seed)
-    train, val = _split(*rest, val_size, split_seed + 1)
+    rest, test = split_off(images, labels, test_size, split_seed)
+    train, val = split_off(*rest, val_size, split_seed + 1)
     mean, std = float(train[0].mean() / 255), float(train[0].std() / 255)
-    _cache(out, "digits", dict(train=train, val=val, test=test), 10, (mean,), (std,),
-           "sklearn.datasets.load_digits")
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _safe_extract(archive: Path, target: Path) -> None:
-    """Extract a tar archive, refusing members that would land outside `target` or are links."""
-    try:
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                name = member.name
-                resolved = (target / name).resolve()
-                if Path(name).is_absolute() or not resolved.is_relative_to(target.resolve()):
-                    raise DataError(f"{archive.name}: member {name!r} would extract outside the target directory")
-                if member.issym() or member.islnk() or not (member.isfile() or member.isdir()):
-                    raise DataError(f"{archive.name}: member {name!r} is a link or special file; refused")
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(f"{archive.name}: not a readable tar.gz archive ({error})") from None
-
-
-def _load_cifar_batch(path: Path):
-    if not path.exists():
-        raise DataError(f"CIFAR-10 archive lacks {path.parent.name}/{path.name}")
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
-    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return images, np.asarray(batch[b"labels"], dtype=np.int64)
-
-
-def prepare_cifar10(out: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
-                    val_size: int = 5000, split_seed: int = 0) -> None:
-    """Download (torchvision's download code), check md5, extract, split, cache. Works in a
-    temporary directory beside `out` that is removed whatever happens."""
-    from torchvision.datasets.utils import download_url
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".cifar10-download-"))
-    try:
-        filename = "cifar-10-python.tar.gz"
-        try:
-            download_url(url, str(workdir), filename=filename, md5=None)
-        except Exception as error:  # urllib/http errors come in many types; name the address
-            raise DataError(f"cifar10: download from {url} failed: {error}") from None
-        archive = workdir / filename
-        if md5 and _md5(archive) != md5:
-            raise DataError(f"cifar10: md5 of the file from {url} is {_md5(archive)}, expected {md5} "
-                            "(truncated or wrong file; set datasets.cifar10.md5 for a mirror's copy)")
-        _safe_extract(archive, workdir / "extracted")
-        folder = workdir / "extracted" / "cifar-10-batches-py"
-        parts = [_load_cifar_batch(folder / f"data_batch_{index}") for index in range(1, 6)]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        test = _load_cifar_batch(folder / "test_batch")
-        if not 0 < val_size < len(labels):
-            raise DataError(f"cifar10: val_size {val_size} must be between 0 and {len(labels)}")
-        train, val = _split(images, labels, val_size, split_seed)
-        _cache(out, "cifar10", dict(train=train, val=val, test=test), 10, CIFAR10_MEAN, CIFAR10_STD, url)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    write_cache(out, name, dict(train=train, val=val, test=test), 10, (mean,), (std,),
+                "sklearn.datasets.load_digits", kind="digits")
 
 
 def prepare_imagenet(path: str | Path, val_size: int = 10000, split_seed: int = 0) -> dict:
@@ -182,6 +111,7 @@ def _unpack_imagenet(root: Path) -> None:
 class TensorData:
     """A cached dataset on one device: uint8 images N x C x H x W, int64 labels, per split."""
     name: str
+    kind: str
     splits: dict[str, tuple[Tensor, Tensor]]
     num_classes: int
     mean: Tensor
@@ -204,7 +134,7 @@ def load_tensor_data(path: str | Path, device: torch.device) -> TensorData:
     splits = {split: (record[f"{split}_images"].to(device), record[f"{split}_labels"].to(device))
               for split in ("train", "val", "test")}
     shape = (1, -1, 1, 1)
-    return TensorData(record["name"], splits, int(record["num_classes"]),
+    return TensorData(record["name"], record.get("kind", record["name"]), splits, int(record["num_classes"]),
                       torch.tensor(record["mean"], device=device).view(shape),
                       torch.tensor(record["std"], device=device).view(shape))
 

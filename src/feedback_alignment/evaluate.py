@@ -26,7 +26,8 @@ def evaluation_record(result: dict, errors: list[float] | None, loss: float | No
                       epochs_completed=result["epochs_completed"],
                       diverged_at_epoch=result["diverged_at_epoch"],
                       test_error_top1=None, test_error_top5=None,
-                      num_classes=result["num_classes"], config=dict(result["config"]))
+                      num_classes=result["num_classes"], config=dict(result["config"]),
+                      dataset_kind=result.get("dataset_kind", result["config"]["dataset"]))
     if errors is not None:
         evaluation.update(test_error_top1=errors[0], test_loss=loss)
         if len(errors) > 1:

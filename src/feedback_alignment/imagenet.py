@@ -68,6 +68,7 @@ class ImageNetLoaders:
         manifest = json.loads(Path(config["data"]).read_text())
         self.config, self.device, self.world = config, device, world
         self.num_classes = int(manifest["num_classes"])
+        self.kind = manifest.get("kind", "imagenet")
         self.in_channels = 3
         self.image_size = config["crop"] or 224
         normalize = transforms.Normalize(MEAN, STD)

@@ -2,6 +2,8 @@
 
 - convnet   : plain 3x3 conv stack (depth and width configurable), the embedded digits study
 - arch1     : the CIFAR-10 "Arch 1" of the paper (TensorFlow CIFAR-10 tutorial network)
+- lenet_mnist, lenet_cifar : the LeNet baselines of BioTorch (Sanfiz & Akrout 2021), whose
+                            published errors on MNIST, Fashion-MNIST and CIFAR-10 we compare with
 - resnet20/32/44/56/110 : CIFAR ResNets of He et al. 2016 (3 stages, option-A shortcuts)
 - any torchvision classification model by its name (resnet18, resnet50, vgg11_bn, mobilenet_v2, ...)
 """
@@ -67,6 +69,37 @@ class Arch1(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class LeNet(nn.Module):
+    """LeNet-5's layout as the peer BioTorch published it: conv5x5-ReLU-maxpool 2 twice, conv5x5-ReLU,
+    then two fully connected layers with no nonlinearity between them (theirs has none; kept, so
+    that its published numbers compare). `channels` are the three convs' widths: (6, 16, 120) for
+    MNIST, (32, 64, 128) for CIFAR. Images of side 32 or more (MNIST resized to 32, as theirs)."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, channels: tuple[int, int, int],
+                 batch_norm: bool = False):
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2 - 4  # the third conv's output side
+        if side < 1:
+            raise ValueError(f"lenet needs images of side 32 or more, got {image_size} "
+                             "(set the dataset's image_size: 32, as BioTorch resizes MNIST)")
+        first, second, third = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, first, 5), _norm(first, batch_norm), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(first, second, 5), _norm(second, batch_norm), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(second, third, 5), _norm(third, batch_norm), nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(nn.Linear(third * side * side, 84), nn.Linear(84, num_classes))
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):  # their configs set init: xavier
+                nn.init.xavier_uniform_(module.weight)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+LENET_CHANNELS = {"lenet_mnist": (6, 16, 120), "lenet_cifar": (32, 64, 128)}
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, batch_norm: bool):
         super().__init__()
@@ -123,6 +156,8 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
         return ConvNet(num_classes, in_channels, depth, width, batch_norm)
     if arch == "arch1":
         return Arch1(num_classes, in_channels, image_size, batch_norm)
+    if arch in LENET_CHANNELS:
+        return LeNet(num_classes, in_channels, image_size, LENET_CHANNELS[arch], batch_norm)
     if arch in CIFAR_RESNET_DEPTHS:
         return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes, in_channels, batch_norm)
     # Imported here: torchvision's import pulls in torch's compiler stack (about 2 s), which a
@@ -134,7 +169,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
             raise ValueError(f"torchvision model {arch!r} needs 3 input channels, data has {in_channels}")
         if not batch_norm:
             raise ValueError(f"torchvision model {arch!r} has its own normalization; batch_norm=false "
-                             "applies to convnet, arch1 and the CIFAR ResNets only")
+                             "applies to convnet, arch1, lenet and the CIFAR ResNets only")
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown arch {arch!r}; choose convnet, arch1, "
+    raise ValueError(f"unknown arch {arch!r}; choose convnet, arch1, {', '.join(LENET_CHANNELS)}, "
                      f"{', '.join(CIFAR_RESNET_DEPTHS)} or a torchvision classification model name")

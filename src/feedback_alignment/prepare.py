@@ -1,43 +1,49 @@
-"""Prepare a dataset once: digits and cifar10 into a uint8 tensor cache; imagenet checked in place
-(its official tarballs unpacked there, once) and described by a manifest.
+"""Prepare a dataset once: into a uint8 tensor cache (.pt), or for imagenet checked in place (its
+official tarballs unpacked there, once) and described by a manifest (.json). Its options are
+those of its kind (sources.py); the study's prepare step passes them from the config.
 
-    python -m feedback_alignment prepare --dataset cifar10 --out resources/data/cifar10.pt
-    python -m feedback_alignment prepare --dataset imagenet --path /data/imagenet --out resources/data/imagenet.json
+    python -m feedback_alignment prepare --name digits --out resources/data/digits.pt
+    python -m feedback_alignment prepare --name fmnist --kind fashion_mnist --image-size 32 --out resources/data/fmnist.pt
+    python -m feedback_alignment prepare --name pets --kind imagefolder --path /data/pets --out resources/data/pets.pt
+    python -m feedback_alignment prepare --name imagenet --path /data/imagenet --out resources/data/imagenet.json
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from . import data
-from .provenance import write_json
+from .data import DataError
+from .sources import KINDS, prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m feedback_alignment prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="the dataset's name in the study (recorded in the cache)")
+    parser.add_argument("--kind", default=None, choices=KINDS, help="default: the name, when it is a kind")
+    parser.add_argument("--out", required=True, help="cache file (.pt) or, for imagenet, manifest (.json)")
+    options = {option.name: option for kind in KINDS.values() for option in kind.options}
+    for name, option in options.items():
+        users = ", ".join(kind.name for kind in KINDS.values() if name in {o.name for o in kind.options})
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            nargs="+" if name == "md5" else None, help=f"{users}: {option.help}")
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m feedback_alignment prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=data.DATASETS)
-    parser.add_argument("--out", required=True, help="cache file (.pt) or, for imagenet, manifest (.json)")
-    parser.add_argument("--url", default=data.CIFAR10_URL, help="cifar10: archive address (a mirror)")
-    parser.add_argument("--md5", default=data.CIFAR10_MD5, help="cifar10: expected md5 of the archive")
-    parser.add_argument("--val-size", type=int, default=None, help="images held out for validation")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--path", help="imagenet: folder with train/ and val/, or the official tarballs")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+    args = build_parser().parse_args(argv)
+    given = {key: value for key, value in vars(args).items()
+             if key not in ("name", "kind", "out") and value is not None}
+    config = dict(given, **({"kind": args.kind} if args.kind else {}))
     try:
-        if args.dataset == "digits":
-            data.prepare_digits(out, val_size=args.val_size or 180, split_seed=args.split_seed)
-        elif args.dataset == "cifar10":
-            data.prepare_cifar10(out, url=args.url, md5=args.md5 or None,
-                                 val_size=args.val_size or 5000, split_seed=args.split_seed)
-        else:
-            if not args.path:
-                raise data.DataError("imagenet needs --path (datasets.imagenet.path in the config)")
-            write_json(out, data.prepare_imagenet(args.path, val_size=args.val_size or 10000,
-                                                  split_seed=args.split_seed))
-    except data.DataError as error:
+        for key, value in given.items():
+            option = next(o for kind in KINDS.values() for o in kind.options if o.name == key)
+            try:
+                config[key] = option.parse(value)
+            except ValueError:
+                raise DataError(f"--{key.replace('_', '-')} {value!r}: not a valid value") from None
+        prepare(args.out, args.name, config)
+    except DataError as error:
         sys.exit(f"prepare: {error}")
 
 

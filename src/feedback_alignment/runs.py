@@ -77,12 +77,13 @@ def evaluate(model, loader, topk=(1,), world: World = World(), device=None, prec
 
 
 class Loaders:
-    """Training and evaluation batches for tensor datasets (digits, cifar10) on the device."""
+    """Training and evaluation batches of a cached dataset (every kind but imagenet), on the device."""
 
     def __init__(self, config: dict, device, world: World = World()):
         self.data = datasets.load_tensor_data(config["data"], device)
         self.config, self.device, self.world = config, device, world
         self.num_classes = self.data.num_classes
+        self.kind = self.data.kind
         self.in_channels = self.data.in_channels
         self.image_size = config["crop"] or self.data.image_size
         if self.image_size > self.data.image_size + 2 * config["pad"]:
@@ -109,8 +110,9 @@ class Loaders:
 
 def make_loaders(config: dict, device, world: World = World()):
     """The run's batches, from its resolved config (dataset, data, batch_size, crop, pad, flip,
-    seed, max_batches; imagenet also workers and threads)."""
-    if config["dataset"] in datasets.TENSOR_DATASETS:
+    seed, max_batches; imagenet also workers and threads): a cache (.pt) is served on the device,
+    a manifest (.json) streams through DataLoader workers."""
+    if not str(config["data"]).endswith(".json"):
         return Loaders(config, device, world)
     from .imagenet import ImageNetLoaders
     return ImageNetLoaders(config, device, world)

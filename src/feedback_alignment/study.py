@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import jsonschema
 import yaml
 
 from . import settings
+from .data import DataError
 from .rules import RULES, SCALES, check_scale, get_rule
+from .sources import OptionError, get_kind
 from .tuning import RULE_OPTION, point_items, point_label
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "config.schema.yaml"
-IMAGE_SIZES = {"digits": (1, 8), "cifar10": (3, 32)}  # (channels, side); imagenet is resized
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,7 @@ class Study:
         config = copy.deepcopy(config)
         _check_schema(config, schema)
         _fill_defaults(config, schema)
+        self.kinds = _resolve_datasets(config)
         _check_names(config)
         self.config = config
         self.experiment: str = config["experiment"]
@@ -114,8 +118,8 @@ class Study:
         return [f"{self.run_dir(run)}/evaluation.json" for run in self.runs]
 
     def data_file(self, dataset: str) -> str:
-        # ImageNet stays in its folder; the prepare step writes a description of its splits.
-        return f"{self.data_dir}/{dataset}.json" if dataset == "imagenet" else f"{self.data_dir}/{dataset}.pt"
+        # A streamed dataset (imagenet) stays in its folder; the prepare step describes its splits.
+        return f"{self.data_dir}/{dataset}.{'json' if self.kinds[dataset].streams else 'pt'}"
 
     def settings(self, dataset: str, arch: str, variant: str, point: str = "") -> dict:
         """The resolved settings of a run: declared defaults < training < arch < variant < the
@@ -169,13 +173,24 @@ class Study:
         return (f"torchrun --standalone --nproc-per-node {gpus} -m feedback_alignment train "
                 f"--threads {max(1, threads // gpus)}{workers}")
 
+    def dataset_pattern(self, streams: bool) -> str:
+        """A regular expression matching the names of the datasets that are (not) streamed: which
+        of the workflow's prepare rules makes each."""
+        names = [re.escape(name) for name, kind in self.kinds.items() if kind.streams == streams]
+        return "|".join(names) or "(?!)"  # (?!) matches nothing
+
     def prepare_flags(self, dataset: str) -> str:
-        dataset_config = self.config["datasets"][dataset]
-        if dataset == "cifar10":
-            return f"--url {dataset_config['url']} --md5 {dataset_config['md5']} --val-size {dataset_config['val_size']}"
-        if dataset == "imagenet":
-            return f"--path {dataset_config['path']} --val-size {dataset_config['val_size']}"
-        return f"--val-size {dataset_config['val_size']}"
+        """The prepare CLI's flags: the dataset's name, kind and the options the config sets."""
+        flags = [f"--name {dataset} --kind {self.kinds[dataset].name}"]
+        for key, value in self.config["datasets"][dataset].items():
+            if key in ("kind", "augment") or value is None:
+                continue
+            if isinstance(value, dict):  # md5 by file
+                value = " ".join(shlex.quote(f"{file}={digest}") for file, digest in value.items())
+            else:
+                value = shlex.quote(str(value))
+            flags.append(f"--{key.replace('_', '-')} {value}")
+        return " ".join(flags)
 
     def _check_models(self) -> None:
         """Crops larger than the images, architectures that cannot take the images, excluded
@@ -186,7 +201,11 @@ class Study:
 
         for dataset, arch, variant in dict.fromkeys((r.dataset, r.arch, r.variant) for r in self.runs):
             s = self.settings(dataset, arch, variant)
-            channels, side = IMAGE_SIZES.get(dataset, (3, s.get("crop", 224)))
+            kind = self.kinds[dataset]
+            shape = (3, s.get("crop", 224)) if kind.streams else kind.shape(self.config["datasets"][dataset])
+            if shape is None:  # an image folder's images are only known once prepared
+                continue
+            channels, side = shape
             crop = s.get("crop", side)
             if crop > side + 2 * s.get("pad", 0):
                 raise ConfigError(f"archs.{arch}.augment.crop",
@@ -221,6 +240,22 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
             _fill_defaults(instance[key], subschema)
 
 
+def _resolve_datasets(config: dict) -> dict:
+    """Each dataset's kind, and its options with the kind's defaults written into the config."""
+    kinds = {}
+    for name, dataset in config["datasets"].items():
+        try:
+            kinds[name] = get_kind(name, dataset)
+        except DataError as error:
+            raise ConfigError(f"datasets.{name}.kind", str(error)) from None
+        try:
+            options = kinds[name].resolve(name, {k: v for k, v in dataset.items() if k not in ("kind", "augment")})
+        except OptionError as error:
+            raise ConfigError(f"datasets.{name}.{error.option}", str(error)) from None
+        dataset.update(options, kind=kinds[name].name)
+    return kinds
+
+
 def _check_names(config: dict) -> None:
     """Cross-references the schema cannot express: names used in the grid are defined, and each
     variant's scale and rule options suit every rule it runs with."""
@@ -248,10 +283,9 @@ def _check_names(config: dict) -> None:
                 rule.resolve_options(variant.get("rule_options", {}))
             except ValueError as error:
                 raise ConfigError(f"variants.{name}.rule_options", f"in grid[{index}]: {error}") from None
-    if "imagenet" in config["datasets"]:
-        path = config["datasets"]["imagenet"]["path"]
-        if not os.path.isdir(path):
-            raise ConfigError("datasets.imagenet.path", f"{path!r} does not exist or is not a directory")
+    for name, dataset in config["datasets"].items():
+        if dataset.get("path") is not None and not os.path.isdir(dataset["path"]):
+            raise ConfigError(f"datasets.{name}.path", f"{dataset['path']!r} does not exist or is not a directory")
 
 
 def _applies(key: str, rule: str) -> bool:

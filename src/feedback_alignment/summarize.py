@@ -35,7 +35,10 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
         config = evaluation["config"]
         labels = dict(dataset=config["dataset"], arch=config.get("arch_label") or config["arch"],
                       rule=config["rule"], variant=config.get("variant", "default"), seed=config["seed"])
-        rows.append(dict(**labels, depth=config.get("depth") if config["arch"] == "convnet" else None,
+        # What a published number is matched on: the dataset's kind and the model, not the
+        # study's names for them (a study may call CIFAR-10 "c10" and LeNet "small").
+        rows.append(dict(**labels, kind=evaluation.get("dataset_kind", config["dataset"]), model=config["arch"],
+                         depth=config.get("depth") if config["arch"] == "convnet" else None,
                          selected=config.get("selected"),
                          status=evaluation["status"], best_epoch=evaluation["best_epoch"],
                          test_error_top1=evaluation["test_error_top1"],
@@ -57,15 +60,16 @@ def load_runs(sources: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 
 
 def references() -> pd.DataFrame:
-    """Published top-1 test errors (%), each with its source (paper, table, recipe, seeds)."""
+    """Published top-1 test errors (%), each with its source (paper, table, recipe, seeds), by
+    dataset kind and model (not by the names a study gives them)."""
     with resources.files("feedback_alignment").joinpath("resources/references.csv").open() as handle:
         return pd.read_csv(handle)
 
 
 def versus_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Ours (mean +- std over n seeds) beside the published number, where one exists."""
-    merged = summary.merge(reference.rename(columns={"test_error_top1": "reference_error"}),
-                           on=["dataset", "arch", "rule"], how="inner")
+    published = reference.rename(columns={"dataset": "kind", "arch": "model", "test_error_top1": "reference_error"})
+    merged = summary.merge(published, on=["kind", "model", "rule"], how="inner")
     merged["difference"] = merged["test_error_mean"] - merged["reference_error"]
     merged["ours"] = [f"{m:.2f} +- {s:.2f} (n={n})" for m, s, n in
                       zip(merged.test_error_mean, merged.test_error_std.fillna(0), merged.n_seeds)]
@@ -88,8 +92,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
                        test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
         return pd.Series(out)
     summary = runs.groupby(KEYS, sort=False, dropna=False).apply(aggregate, include_groups=False).reset_index()
-    # The depth of a convnet, and the point of the sweep tuning selected (e.g. lr=0.05; empty untuned).
-    labels = runs.groupby(KEYS, sort=False)[["depth", "selected"]].first().reset_index()
+    # The dataset's kind and the model (what published numbers are matched on), the depth of a
+    # convnet, and the point of the sweep tuning selected (e.g. lr=0.05; empty untuned).
+    labels = runs.groupby(KEYS, sort=False)[["kind", "model", "depth", "selected"]].first().reset_index()
     summary = summary.merge(labels, on=KEYS, how="left")
     summary[["n_seeds", "n_diverged"]] = summary[["n_seeds", "n_diverged"]].astype(int)
     return summary

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m feedback_alignment train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--dataset", required=True, choices=datasets.DATASETS)
-    add("--data", required=True, help="prepared dataset file (digits, cifar10) or folder (imagenet)")
+    add("--dataset", required=True, help="the dataset's name in the study (recorded in results)")
+    add("--data", required=True, help="the prepared dataset: a cache (.pt) or, for imagenet, a manifest (.json)")
     add("--out", required=True, help="run directory to write into")
     add("--arch", required=True, help="convnet, arch1, resnet20/56, or a torchvision model name")
     add("--arch-label", default=None, help="name of this architecture setting in results (default: --arch)")
@@ -398,7 +398,8 @@ def run_result(t: Training, diverged_at: dict | None) -> dict:
                 diverged_at_step=diverged_at and diverged_at["step"], epochs_completed=len(history),
                 best_epoch=best_epoch, best_val_error=None if best_epoch is None else t.state.best_val,
                 final_train_loss=last.get("train_loss"), final_val_error=last.get("val_error"),
-                final_test_error=last.get("test_error"), num_classes=t.loaders.num_classes,
+                final_test_error=last.get("test_error"), dataset_kind=t.loaders.kind,
+                num_classes=t.loaders.num_classes,
                 in_channels=t.loaders.in_channels, image_size=t.loaders.image_size,
                 config=t.config, provenance=provenance(t.device),
                 placement=dict(world_size=t.world.size, precision=t.precision,

@@ -1,5 +1,7 @@
 # Prepare each dataset once, on the submitting machine (a localrule): the cache is written to a
 # temporary name and renamed, so a killed download leaves nothing a later job could mistake for data.
+# The flags carry the dataset's kind and options (sources.py); a streamed kind (imagenet) gets a
+# manifest of its folder instead of a cache.
 localrules: prepare_data
 
 
@@ -11,19 +13,18 @@ rule prepare_data:
     log:
         "logs/prepare/{dataset}.log",
     wildcard_constraints:
-        dataset="digits|cifar10",
+        dataset=STUDY.dataset_pattern(streams=False),
     conda:
         "../envs/feedback-alignment.yaml"
     shell:
-        "python -m feedback_alignment prepare --dataset {wildcards.dataset} --out {output} "
-        "{params.flags} > {log} 2>&1"
+        "python -m feedback_alignment prepare --out {output} {params.flags} > {log} 2>&1"
 
 
-use rule prepare_data as prepare_imagenet with:
+use rule prepare_data as prepare_streamed with:
     output:
         f"{DATA_DIR}/{{dataset}}.json",
     wildcard_constraints:
-        dataset="imagenet",
+        dataset=STUDY.dataset_pattern(streams=True),
 
 
-localrules: prepare_imagenet
+localrules: prepare_streamed
