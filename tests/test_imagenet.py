@@ -14,7 +14,7 @@ import torch
 import scipy.io
 from PIL import Image
 
-from feedback_alignment import data
+from feedback_alignment import data, folders
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 FLAGS = ["--dataset", "imagenet", "--arch", "convnet", "--depth", "2", "--width", "8", "--no-batch-norm",
@@ -83,10 +83,10 @@ def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
 def test_augmentation_is_drawn_per_run_seed_epoch_and_image(manifest):
     """The same (epoch, image) gives the same crop whatever the random state around it, which it
     leaves alone; another epoch, image or run seed gives another crop."""
-    from feedback_alignment.imagenet import ImageNetLoaders, _Augmented
+    from feedback_alignment.imagenet import StreamedLoaders, _Augmented
 
     config = dict(data=str(manifest), crop=16, workers=0, threads=1, batch_size=4, max_batches=None, seed=0)
-    augmented = _Augmented(ImageNetLoaders(config, torch.device("cpu")).train_set, seed=0)
+    augmented = _Augmented(StreamedLoaders(config, torch.device("cpu")).train_set, seed=0)
     torch.manual_seed(1)
     state = torch.get_rng_state()
     first, label = augmented[(0, 3)]
@@ -110,11 +110,11 @@ def test_augmentation_is_drawn_per_run_seed_epoch_and_image(manifest):
 
 
 def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(manifest):
-    from feedback_alignment.imagenet import ImageNetLoaders
+    from feedback_alignment.imagenet import StreamedLoaders
     import torch
 
     config = dict(data=str(manifest), crop=16, workers=1, threads=1, batch_size=4, max_batches=None, seed=0)
-    loaders = ImageNetLoaders(config, torch.device("cpu"))
+    loaders = StreamedLoaders(config, torch.device("cpu"))
     held_out = set(loaders.eval_sets["val"].indices)
     trained = set(loaders.train_set.indices)
     assert len(held_out) == 4 and len(trained) == 20 and not held_out & trained
@@ -130,15 +130,15 @@ def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(m
 
 def test_imagenet_path_checks(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
-        data.prepare_imagenet(tmp_path / "nowhere")
+        folders.prepare_imagenet(tmp_path / "nowhere")
     with pytest.raises(data.DataError, match="neither train/ and val/"):
-        data.prepare_imagenet(tmp_path)
+        folders.prepare_imagenet(tmp_path)
     root = class_folders(tmp_path / "folders", train=3, val=1)
     with pytest.raises(data.DataError, match="val_size 6 must be between 0 and the 6 training images"):
-        data.prepare_imagenet(root, val_size=6)
+        folders.prepare_imagenet(root, val_size=6)
     (root / "val" / "n99999999").mkdir()
     with pytest.raises(data.DataError, match="train/ and val/ hold different class folders"):
-        data.prepare_imagenet(root, val_size=2)
+        folders.prepare_imagenet(root, val_size=2)
 
 
 def official_tarballs(root):
@@ -172,7 +172,7 @@ def official_tarballs(root):
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val_tar:
         for index in range(len(val_labels)):
             add(val_tar, f"ILSVRC2012_val_{index + 1:08d}.JPEG", image_bytes(generator, "JPEG"))
-    return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in data.IMAGENET_TARBALLS}
+    return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in folders.IMAGENET_TARBALLS}
 
 
 def test_the_official_tarballs_are_unpacked_once_by_prepare(tmp_path, monkeypatch):
@@ -183,14 +183,14 @@ def test_the_official_tarballs_are_unpacked_once_by_prepare(tmp_path, monkeypatc
     # torchvision checks each archive against ILSVRC2012's published md5; these are the test's own.
     archives = {key: (name, checksums[name]) for key, (name, _) in torchvision_imagenet.ARCHIVE_META.items()}
     monkeypatch.setattr(torchvision_imagenet, "ARCHIVE_META", archives)
-    manifest = data.prepare_imagenet(root, val_size=2)
+    manifest = folders.prepare_imagenet(root, val_size=2)
     assert manifest["num_classes"] == 2 and manifest["train_images"] == 12 and manifest["layout"] == "imagefolder"
     # val images sorted into their classes by the devkit's ground truth (1, 2, 2, 1, 2)
     assert sorted(p.name for p in (root / "val" / WNIDS[0]).iterdir()) == [
         "ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000004.JPEG"]
     assert len(list((root / "val" / WNIDS[1]).iterdir())) == 3
     unpacked = {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")}
-    assert data.prepare_imagenet(root, val_size=2) == manifest  # a second prepare unpacks nothing
+    assert folders.prepare_imagenet(root, val_size=2) == manifest  # a second prepare unpacks nothing
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")} == unpacked
 
 
@@ -198,7 +198,7 @@ def test_a_tarball_with_a_wrong_checksum_is_refused_in_one_line(tmp_path):
     root = tmp_path / "ilsvrc"
     official_tarballs(root)  # not ILSVRC2012's md5s
     with pytest.raises(data.DataError, match=r"imagenet path '.*ilsvrc': .*ILSVRC2012_devkit_t12.tar.gz") as error:
-        data.prepare_imagenet(root)
+        folders.prepare_imagenet(root)
     assert "\n" not in str(error.value)
 
 
@@ -206,8 +206,8 @@ def test_tarballs_in_a_folder_that_cannot_be_written_are_refused_in_one_line(tmp
     root = tmp_path / "ilsvrc"
     official_tarballs(root)
     # (the tests run as root, who may write anywhere: the folder's permission is asked of os.access)
-    monkeypatch.setattr(data.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(folders.os, "access", lambda path, mode: False)
     with pytest.raises(data.DataError, match=r"'.*ilsvrc': the tarballs are unpacked beside them, and this "
                                              r"folder is not writable"):
-        data.prepare_imagenet(root)
+        folders.prepare_imagenet(root)
     assert not (root / "train").exists() and not (root / "meta.bin").exists()  # nothing unpacked

@@ -302,6 +302,48 @@ def test_a_broken_image_folder_is_named_in_one_line_and_leaves_no_cache(tmp_path
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def test_a_streamed_image_folder_is_checked_described_and_read_through_workers(tmp_path):
+    from feedback_alignment.imagenet import StreamedLoaders
+
+    root = image_folder(tmp_path / "pets", per_class=(10, 3), val=2)
+    out = tmp_path / "pets.json"
+    prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True, image_size=12))
+    manifest = json.loads(out.read_text())
+    assert (manifest["kind"], manifest["num_classes"], manifest["train_images"]) == ("imagefolder", 2, 20)
+    assert manifest["val"] == str((root / "val").resolve()) and manifest["image_size"] == 12
+    # Mean and std of the training images as the loaders read them (RGB, resized), by hand.
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB").resize((12, 12), Image.BILINEAR)).reshape(-1, 3)
+                             for p in sorted((root / "train").rglob("*.png"))]) / 255
+    np.testing.assert_allclose(manifest["mean"], pixels.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(manifest["std"], pixels.std(0), rtol=0, atol=1e-12)
+    config = dict(data=str(out), crop=None, workers=0, threads=1, batch_size=4, max_batches=None, seed=0)
+    loaders = StreamedLoaders(config, torch.device("cpu"))
+    assert (loaders.kind, loaders.num_classes, loaders.image_size, loaders.in_channels) == ("imagefolder", 2, 12, 3)
+    assert len(loaders.train_set) == 20 and len(loaders.eval_sets["val"]) == 4  # val/ selects; all of train trains
+    images, labels = next(iter(loaders.train(0)))
+    assert images.shape == (4, 3, 12, 12) and set(labels.tolist()) <= {0, 1}
+    assert sum(len(labels) for _, labels in loaders.eval("test")) == 6
+
+
+def test_a_streamed_folder_without_val_holds_out_and_a_broken_image_stops_the_prepare_step(tmp_path):
+    from feedback_alignment.imagenet import StreamedLoaders
+
+    root = image_folder(tmp_path / "pets", per_class=(10, 3))
+    out = tmp_path / "pets.json"
+    prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True, val_size=5))
+    loaders = StreamedLoaders(dict(data=str(out), crop=8, workers=0, threads=1, batch_size=4, max_batches=None,
+                                   seed=0), torch.device("cpu"))
+    assert len(loaders.train_set) == 15 and len(loaders.eval_sets["val"]) == 5
+    # A test image cut short: its header opens; only the check of every image sees the rest is
+    # missing (the mean and std decode training images).
+    cut = root / "test" / "cat" / "1.png"
+    cut.write_bytes(cut.read_bytes()[:60])
+    out.unlink()
+    with pytest.raises(DataError, match=r"cannot read image .*pets/test/cat/1.png"):
+        prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True))
+    assert not out.exists()
+
+
 def test_kinds_and_options_are_checked_by_name(tmp_path):
     with pytest.raises(DataError, match="dataset 'mine': 'mine' is not a kind and sets no kind; choose from digits"):
         prepare(tmp_path / "m.pt", "mine", {})

@@ -81,14 +81,16 @@ def test_the_shipped_studies_have_their_documented_size(name, runs, tuning_runs)
 
 def test_paths_of_a_run_and_its_data(tmp_path):
     study = Study(dict(TINY, datasets={"digits": {}, "pets": {"kind": "imagefolder", "path": str(tmp_path)},
-                                       "inet": {"kind": "imagenet", "path": str(tmp_path)}}))
+                                       "inet": {"kind": "imagenet", "path": str(tmp_path)},
+                                       "big": {"kind": "imagefolder", "path": str(tmp_path), "stream": True}}))
     assert study.run_dir(Run("digits", "net", "usf", "raw", 1)) == "results/tiny/runs/digits/net/usf-raw/seed1"
     assert study.evaluations()[0] == "results/tiny/runs/digits/net/bp-exact/seed0/evaluation.json"
     assert study.data_file("digits") == "resources/data/digits.pt"
     assert study.data_file("pets") == "resources/data/pets.pt"  # decoded into a cache
     assert study.data_file("inet") == "resources/data/inet.json"  # streamed: a manifest of the folder
+    assert study.data_file("big") == "resources/data/big.json"
     # Which prepare rule makes which file: the streamed names, and the cached ones.
-    assert study.dataset_pattern(streams=True) == "inet"
+    assert study.dataset_pattern(streams=True) == "inet|big"
     assert study.dataset_pattern(streams=False) == "digits|pets"
     assert Study(TINY).dataset_pattern(streams=True) == "(?!)"  # matches nothing
 
@@ -157,6 +159,7 @@ def test_prepare_flags_give_the_cli_each_datasets_kind_and_options(tmp_path):
                 "fmnist": {"kind": "fashion_mnist", "mirror": "http://127.0.0.1:1/f/", "image_size": 32,
                            "md5": {"train-images-idx3-ubyte.gz": "0" * 32, "t10k-images-idx3-ubyte.gz": "1" * 32}},
                 "pets": {"kind": "imagefolder", "path": str(folder), "val_size": 7},
+                "big": {"kind": "imagefolder", "path": str(folder), "stream": True},
                 "imagenet": {"path": str(tmp_path)}}
     study = Study(dict(TINY, datasets=datasets))
     assert study.prepare_flags("digits") == "--name digits --kind digits --val-size 180 --split-seed 0"
@@ -235,3 +238,22 @@ def test_no_setting_of_a_shipped_study_comes_from_the_default_studys_config(name
     default, study = shipped("config.yaml"), shipped(name)
     assert set(default["training"]) - set(study["training"]) == set()
     assert {key for key in default if key not in ("datasets", "archs", "variants")} <= set(study)
+
+
+def test_lenet_has_biotorchs_layers_and_a_study_feeding_it_28px_mnist_is_refused():
+    from feedback_alignment.models import build_model
+
+    # Parameters counted by hand from BioTorch's layer sizes (conv 5x5 weights + biases, FC).
+    mnist = (1 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (16 * 120 * 25 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    cifar = (3 * 32 * 25 + 32) + (32 * 64 * 25 + 64) + (64 * 128 * 25 + 128) + (128 * 84 + 84) + (84 * 10 + 10)
+    for arch, channels, expected in (("lenet_mnist", 1, mnist), ("lenet_cifar", 3, cifar)):
+        model = build_model(arch, 10, channels, 32, batch_norm=False)
+        assert sum(p.numel() for p in model.parameters()) == expected
+    config = copy.deepcopy(TINY)
+    config["datasets"] = {"mnist": {}}
+    config["archs"] = {"lenet": {"arch": "lenet_mnist", "batch_norm": False}}
+    config["grid"] = [{"datasets": ["mnist"], "archs": ["lenet"], "rules": ["bp"], "variants": ["exact"]}]
+    with pytest.raises(ConfigError, match="archs.lenet with variants.exact on mnist: lenet needs images of side 32"):
+        Study(config)
+    config["datasets"]["mnist"]["image_size"] = 32
+    Study(config)

@@ -1,15 +1,14 @@
 """Datasets: the tensor cache and how batches are served from it (sources.py prepares them).
 
-- digits   : scikit-learn's 8x8 handwritten digits (ships with scikit-learn; no network)
-- imagenet : a user-supplied folder (ImageFolder train/ and val/, or the official tarballs)
-- the other kinds (sources.py) arrive here as uint8 arrays and are cached the same way
+- digits : scikit-learn's 8x8 handwritten digits (ships with scikit-learn; no network), prepared here
+- the other cached kinds (torchvision_sets.py, folders.py) arrive as uint8 arrays: cache_splits
+  resizes them, holds out the validation images and measures the training split's mean and std
 
 Cached datasets live on the device as uint8 and are augmented there as tensors (random crop with
 padding, horizontal flip), so no DataLoader workers sit in the hot path.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .provenance import torch_save
-
-IMAGENET_TARBALLS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
-
 
 class DataError(ValueError):
     """A dataset is missing, corrupt or malformed; the message says which and where."""
@@ -61,48 +57,43 @@ def prepare_digits(out: Path, val_size: int = 180, test_size: int = 360, split_s
                 "sklearn.datasets.load_digits", kind="digits")
 
 
-def prepare_imagenet(path: str | Path, val_size: int = 10000, split_seed: int = 0) -> dict:
-    """Check a user-supplied ImageNet and make it ready to read: class folders train/ and val/, or
-    the official tarballs, which torchvision unpacks here, once, into such folders (and its
-    meta.bin) beside them. Returns the manifest: where the folders are, the classes, and the
-    held-out slice of train that selects models (the official val is the test split)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"imagenet path {str(root)!r} does not exist or is not a directory "
-                        "(set datasets.imagenet.path)")
-    if not ((root / "train").is_dir() and (root / "val").is_dir()):
-        if not all((root / name).is_file() for name in IMAGENET_TARBALLS):
-            raise DataError(f"imagenet path {str(root)!r} holds neither train/ and val/ folders nor "
-                            f"the tarballs {', '.join(IMAGENET_TARBALLS)}")
-        _unpack_imagenet(root)
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"imagenet path {str(root)!r}: train/ holds no class folders")
-    if classes != val_classes:
-        raise DataError(f"imagenet path {str(root)!r}: train/ and val/ hold different class folders")
-    from torchvision.datasets import ImageFolder
-
-    train_images = len(ImageFolder(root / "train").samples)
-    if not 0 < val_size < train_images:
-        raise DataError(f"imagenet: val_size {val_size} must be between 0 and the {train_images} training images")
-    return dict(layout="imagefolder", root=str(root.resolve()), num_classes=len(classes),
-                train_images=train_images, val_size=val_size, split_seed=split_seed)
+def resize(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 N x C x H x W to side x side (bilinear, antialiased), in chunks."""
+    chunks = [F.interpolate(torch.from_numpy(images[i:i + 4096]).float(), size=(side, side), mode="bilinear",
+                            antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8).numpy()
+              for i in range(0, len(images), 4096)]
+    return np.concatenate(chunks) if chunks else images
 
 
-def _unpack_imagenet(root: Path) -> None:
-    """torchvision's own unpacking of the official tarballs (checksums, devkit, val labels),
-    into root/train and root/val; done in the prepare step so that no training job unpacks."""
-    from torchvision.datasets import ImageNet
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in [0, 1], accumulated in float64 by chunks."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for i in range(0, len(images), 4096):
+        chunk = images[i:i + 4096].astype(np.float64) / 255
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    return mean.tolist(), np.sqrt(np.maximum(squares / count - mean ** 2, 0)).tolist()
 
-    if not os.access(root, os.W_OK):
-        raise DataError(f"imagenet path {str(root)!r}: the tarballs are unpacked beside them, and this "
-                        "folder is not writable")
-    try:
-        for split in ("train", "val"):
-            ImageNet(str(root), split=split)
-    except RuntimeError as error:  # a checksum that does not match
-        raise DataError(f"imagenet path {str(root)!r}: {error}") from None
+
+def cache_splits(out, name, kind, train_images, train_labels, test_images, test_labels, classes,
+                  val_size, split_seed, image_size, source, val=None) -> None:
+    """Resize, hold out validation images (unless `val` is given), normalize from train, cache."""
+    if image_size:
+        train_images, test_images = resize(train_images, image_size), resize(test_images, image_size)
+        if val is not None:
+            val = (resize(val[0], image_size), val[1])
+    if val is None:
+        if not 0 < val_size < len(train_labels):
+            raise DataError(f"{name}: val_size {val_size} must be between 0 and the {len(train_labels)} training images")
+        train, val = split_off(train_images, train_labels, val_size, split_seed)
+    else:
+        train = (train_images, train_labels)
+    mean, std = channel_stats(train[0])
+    write_cache(out, name, dict(train=train, val=val, test=(test_images, test_labels)), classes, mean, std,
+                source, kind=kind)
 
 
 # -- serving ------------------------------------------------------------------------------

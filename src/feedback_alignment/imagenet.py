@@ -1,10 +1,13 @@
-"""ImageNet batches through DataLoader workers (too large to keep on the device).
+"""Batches of ImageNet, or of an image folder prepared with `stream: true`, through DataLoader
+workers (too large to keep on the device). The prepare step's manifest names the folders.
 
 Training: RandomResizedCrop + horizontal flip; evaluation: resize to 8/7 of the crop, center crop
 (the PyTorch ImageNet example, as used by Xiao et al.). ImageNet's test labels are not public, so
 models are selected on a held-out slice of the training images (the manifest's val_size, a fixed
 split seed) and the official validation set is the reported test split: each is evaluated once
-per epoch.
+per epoch. An image folder's test/ is its test split, and its val/ (if it has one) selects.
+Images are read as RGB; ImageNet is normalized with its usual mean and std, a folder with its
+training images' (measured by the prepare step).
 
 The workers stay alive from epoch to epoch (persistent), prefetch batches ahead of the step, and
 on a GPU hand them over in pinned memory, so that the copy to the device runs beside the step.
@@ -63,15 +66,15 @@ class _Augmented(torch.utils.data.Dataset):
             return self.images[position]
 
 
-class ImageNetLoaders:
+class StreamedLoaders:
     def __init__(self, config: dict, device: torch.device, world: World = World()):
         manifest = json.loads(Path(config["data"]).read_text())
         self.config, self.device, self.world = config, device, world
         self.num_classes = int(manifest["num_classes"])
         self.kind = manifest.get("kind", "imagenet")
         self.in_channels = 3
-        self.image_size = config["crop"] or 224
-        normalize = transforms.Normalize(MEAN, STD)
+        self.image_size = config["crop"] or manifest.get("image_size") or 224
+        normalize = transforms.Normalize(manifest.get("mean", MEAN), manifest.get("std", STD))
         train_transform = transforms.Compose([
             transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
             transforms.ToTensor(), normalize])
@@ -79,19 +82,24 @@ class ImageNetLoaders:
             transforms.Resize(round(self.image_size * 8 / 7)), transforms.CenterCrop(self.image_size),
             transforms.ToTensor(), normalize])
         root = Path(manifest["root"])
-        every_train_image = datasets.ImageFolder(root / "train", train_transform)
+        train = Path(manifest.get("train", root / "train"))
+        every_train_image = datasets.ImageFolder(train, train_transform)
         if len(every_train_image) != manifest["train_images"]:
-            raise DataError(f"imagenet {str(root)!r}: train/ holds {len(every_train_image)} images, "
+            raise DataError(f"{self.kind} {str(train)!r} holds {len(every_train_image)} images, "
                             f"{manifest['train_images']} when it was prepared; prepare it again")
-        generator = torch.Generator().manual_seed(int(manifest["split_seed"]))
-        order = torch.randperm(len(every_train_image), generator=generator)
-        held_out = sorted(order[:manifest["val_size"]].tolist())
-        self.train_set = Subset(every_train_image, sorted(order[manifest["val_size"]:].tolist()))
-        # The held-out images through the evaluation transform: the same file list, not a rescan.
-        evaluated_train = copy.copy(every_train_image)
-        evaluated_train.transform = eval_transform
-        self.eval_sets = {"val": Subset(evaluated_train, held_out),
-                          "test": datasets.ImageFolder(root / "val", eval_transform)}
+        test = datasets.ImageFolder(manifest.get("test", root / "val"), eval_transform)
+        if manifest.get("val"):
+            self.train_set = Subset(every_train_image, range(len(every_train_image)))
+            self.eval_sets = {"val": datasets.ImageFolder(manifest["val"], eval_transform), "test": test}
+        else:
+            generator = torch.Generator().manual_seed(int(manifest["split_seed"]))
+            order = torch.randperm(len(every_train_image), generator=generator)
+            held_out = sorted(order[:manifest["val_size"]].tolist())
+            self.train_set = Subset(every_train_image, sorted(order[manifest["val_size"]:].tolist()))
+            # The held-out images through the evaluation transform: the same file list, not a rescan.
+            evaluated_train = copy.copy(every_train_image)
+            evaluated_train.transform = eval_transform
+            self.eval_sets = {"val": Subset(evaluated_train, held_out), "test": test}
         workers = config.get("workers")
         self.workers = workers if workers is not None else (config.get("threads") or 4)
         self._order = _Order()
@@ -146,7 +154,7 @@ class _ImageNetEpoch:
     batch: its state is the index of the next batch. The augmentation is seeded per image too
     (_Augmented). Under data parallelism each rank loads only its share of every global batch."""
 
-    def __init__(self, loaders: ImageNetLoaders, epoch: int, state: dict | None):
+    def __init__(self, loaders: StreamedLoaders, epoch: int, state: dict | None):
         self.loaders, self.epoch = loaders, epoch
         generator = torch.Generator().manual_seed(epoch_seed(loaders.config["seed"], epoch))
         self.order = torch.randperm(len(loaders.train_set), generator=generator)

@@ -114,5 +114,5 @@ def make_loaders(config: dict, device, world: World = World()):
     a manifest (.json) streams through DataLoader workers."""
     if not str(config["data"]).endswith(".json"):
         return Loaders(config, device, world)
-    from .imagenet import ImageNetLoaders
-    return ImageNetLoaders(config, device, world)
+    from .imagenet import StreamedLoaders
+    return StreamedLoaders(config, device, world)

@@ -119,7 +119,11 @@ class Study:
 
     def data_file(self, dataset: str) -> str:
         # A streamed dataset (imagenet) stays in its folder; the prepare step describes its splits.
-        return f"{self.data_dir}/{dataset}.{'json' if self.kinds[dataset].streams else 'pt'}"
+        return f"{self.data_dir}/{dataset}.{'json' if self.streams(dataset) else 'pt'}"
+
+    def streams(self, dataset: str) -> bool:
+        """Whether a dataset is read through DataLoader workers (a manifest) or from the tensor cache."""
+        return self.kinds[dataset].streams(self.config["datasets"][dataset])
 
     def settings(self, dataset: str, arch: str, variant: str, point: str = "") -> dict:
         """The resolved settings of a run: declared defaults < training < arch < variant < the
@@ -176,7 +180,7 @@ class Study:
     def dataset_pattern(self, streams: bool) -> str:
         """A regular expression matching the names of the datasets that are (not) streamed: which
         of the workflow's prepare rules makes each."""
-        names = [re.escape(name) for name, kind in self.kinds.items() if kind.streams == streams]
+        names = [re.escape(name) for name in self.kinds if self.streams(name) == streams]
         return "|".join(names) or "(?!)"  # (?!) matches nothing
 
     def prepare_flags(self, dataset: str) -> str:
@@ -202,7 +206,8 @@ class Study:
         for dataset, arch, variant in dict.fromkeys((r.dataset, r.arch, r.variant) for r in self.runs):
             s = self.settings(dataset, arch, variant)
             kind = self.kinds[dataset]
-            shape = (3, s.get("crop", 224)) if kind.streams else kind.shape(self.config["datasets"][dataset])
+            options = self.config["datasets"][dataset]
+            shape = (3, s.get("crop") or options.get("image_size") or 224) if self.streams(dataset) else kind.shape(options)
             if shape is None:  # an image folder's images are only known once prepared
                 continue
             channels, side = shape

@@ -147,7 +147,7 @@ class Training:
     device: torch.device
     precision: str
     channels_last: bool
-    loaders: Loaders  # or imagenet.ImageNetLoaders, which has the same interface
+    loaders: Loaders  # or imagenet.StreamedLoaders, which has the same interface
     model: torch.nn.Module  # holds the state: saved, evaluated, measured
     forward: torch.nn.Module  # what the training step calls (under DDP and/or compiled)
     compiled: torch.nn.Module  # what evaluation calls
