@@ -79,7 +79,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def cache_splits(out, name, kind, train_images, train_labels, test_images, test_labels, classes,
-                  val_size, split_seed, image_size, source, val=None) -> None:
+                 val_size, split_seed, image_size, source, val=None) -> None:
     """Resize, hold out validation images (unless `val` is given), normalize from train, cache."""
     if image_size:
         train_images, test_images = resize(train_images, image_size), resize(test_images, image_size)

@@ -112,6 +112,11 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _one_line(error: Exception) -> str:
+    """torchvision's messages span lines (one per mirror tried); a DataError is one line."""
+    return " ".join(str(error).split())
+
+
 def _check_archive(archive: Path) -> None:
     """Refuse a tar archive with members that would land outside the folder it is unpacked in,
     or links: torchvision unpacks without a filter, so this check runs first."""
@@ -130,7 +135,7 @@ def _check_archive(archive: Path) -> None:
 def _unpacked_fault(source: _Torchvision, cls, root: Path) -> str | None:
     """Which unpacked file is missing or has the wrong md5 (torchvision only says "corrupted")."""
     for filename, expected in source.unpacked(cls):
-        found = next(root.rglob(filename), None)
+        found = next((path for path in root.rglob(filename) if path.is_file()), None)
         if found is None:
             return f"the archive lacks {filename}"
         if expected and _md5(found) != expected:
@@ -155,7 +160,7 @@ def prepare_torchvision(out: Path, name: str, kind: str, url=None, mirror=None, 
             try:
                 download_url(address, str(folder), filename=filename, md5=None)
             except Exception as error:  # urllib/http errors come in many types; name the address
-                raise DataError(f"{name}: download from {address} failed: {error}") from None
+                raise DataError(f"{name}: download from {address} failed: {_one_line(error)}") from None
             expected, found = source.md5_of(cls, filename), _md5(folder / filename)
             if expected and found != expected:
                 raise DataError(f"{name}: md5 of {address} is {found}, expected {expected} "
@@ -166,8 +171,8 @@ def prepare_torchvision(out: Path, name: str, kind: str, url=None, mirror=None, 
             (train_images, train_labels, classes), (test_images, test_labels, _) = (
                 source.read(cls, workdir, split) for split in ("train", "test"))
         except (RuntimeError, OSError, ValueError, KeyError, EOFError) as error:
-            raise DataError(f"{name}: {_unpacked_fault(source, cls, workdir) or error}") from None
+            raise DataError(f"{name}: {_unpacked_fault(source, cls, workdir) or _one_line(error)}") from None
         cache_splits(out, name, kind, train_images, train_labels, test_images, test_labels, classes,
-                      val_size, split_seed, image_size, source=url or mirror or source.downloads(cls, "")[0][0])
+                     val_size, split_seed, image_size, source=url or mirror or source.downloads(cls, "")[0][0])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
