@@ -81,7 +81,9 @@ def test_a_preempted_training_job_checkpoints_and_the_retry_resumes_it(slurm, tm
     preemption's SIGTERM was checked the same way): the run checkpoints and fails, Snakemake's
     retry (the profile's `retries: 1`) resumes it, and it ends with an uninterrupted run's metrics."""
     training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
-    study = dict(STUDY, seeds=[0], training=dict(training, epochs=40))  # long enough to be caught
+    # 20 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists, finds the
+    # job training (the alignment probe every 10 steps, not 2: it was most of the step's time).
+    study = dict(STUDY, seeds=[0], training=dict(training, epochs=20, alignment_every=10))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
     env = {**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")}
