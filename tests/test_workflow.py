@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, TINY, snakemake
 from feedback_alignment import data
 from feedback_alignment.evaluate import evaluate_run
-from test_sources import image_folder
+from test_sources import image_folder, serve_mnist
 
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a Snakemake plan, as {rule: count}."""
@@ -114,6 +114,29 @@ def test_an_image_folder_study_runs_end_to_end(tmp_path):
     evaluation = json.loads((tmp_path / "results/pets/runs/pets/lenet/usf-raw/seed0/evaluation.json").read_text())
     assert evaluation["dataset_kind"] == "imagefolder" and evaluation["num_classes"] == 2
     assert evaluation["status"] == "completed" and 0 <= evaluation["test_error_top1"] <= 100
+
+
+def test_the_prepare_step_fetches_a_torchvision_kind_from_a_mirror_with_its_checksums(tmp_path, loopback_server):
+    # The config's mirror and {file: md5} reach the prepare CLI through Snakemake's shell intact.
+    served, base = loopback_server
+    md5 = serve_mnist(served)
+    config = dict(TINY, datasets={"digits": {}, "fmnist": {"kind": "fashion_mnist", "mirror": f"{base}/", "md5": md5,
+                                                           "val_size": 8, "image_size": 32}})
+    write_config(tmp_path, config)
+    snakemake(tmp_path, "--cores", "1", "resources/data/fmnist.pt")
+    cache = torch.load(tmp_path / "resources" / "data" / "fmnist.pt", weights_only=True)
+    assert (cache["name"], cache["kind"], cache["num_classes"]) == ("fmnist", "fashion_mnist", 10)
+    assert cache["train_images"].shape[1:] == (1, 32, 32) and len(cache["val_labels"]) == 8
+    log = (tmp_path / "logs" / "prepare" / "fmnist.log").read_text()
+    assert "Traceback" not in log
+
+
+def test_the_shipped_mnist_and_cifar100_studies_plan(tmp_path):
+    for name, prepares in (("mnist.yaml", ["--name mnist --kind mnist", "--name fashion_mnist --kind fashion_mnist"]),
+                           ("cifar100.yaml", ["--name cifar100 --kind cifar100"])):
+        out = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "config" / name)).stdout
+        assert all(f"feedback_alignment prepare --out resources/data/{p.split()[1]}.pt {p}" in out for p in prepares), name
+        assert "--image-size 32" in out or name == "cifar100.yaml"
 
 
 def test_a_config_that_cannot_run_stops_snakemake_with_one_line_naming_the_key(tmp_path):
