@@ -33,3 +33,14 @@ def test_the_workflows_flags_give_the_cli_back_every_value():
     flags = " ".join(settings.cli_flags(settings.defaults())).split()
     parsed = vars(build_parser().parse_args(REQUIRED + flags))
     assert {name: parsed[name] for name in values} == settings.defaults()
+
+
+def test_the_schemas_dataset_keys_are_the_kinds_options():
+    # The schema types each key; sources.py says which kind takes it and its default. Neither may
+    # name a key the other lacks, and the schema holds no defaults (they differ by kind).
+    from feedback_alignment.sources import KINDS
+
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["datasets"]["additionalProperties"]["properties"]
+    options = {option.name for kind in KINDS.values() for option in kind.options}
+    assert set(schema) == options | {"kind", "augment"}
+    assert not [key for key, spec in schema.items() if "default" in spec]
