@@ -305,12 +305,15 @@ def test_a_broken_image_folder_is_named_in_one_line_and_leaves_no_cache(tmp_path
 def test_a_streamed_image_folder_is_checked_described_and_read_through_workers(tmp_path):
     from feedback_alignment.imagenet import StreamedLoaders
 
-    root = image_folder(tmp_path / "pets", per_class=(10, 3), val=2)
+    root = image_folder(tmp_path / "pets", per_class=(10, 3), val=2, mode="RGB")
     out = tmp_path / "pets.json"
     prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True, image_size=12))
     manifest = json.loads(out.read_text())
-    assert (manifest["kind"], manifest["num_classes"], manifest["train_images"]) == ("imagefolder", 2, 20)
+    assert (manifest["kind"], manifest["name"], manifest["num_classes"], manifest["train_images"]) == (
+        "imagefolder", "pets", 2, 20)
+    assert manifest["train"] == str((root / "train").resolve()) and manifest["test"] == str((root / "test").resolve())
     assert manifest["val"] == str((root / "val").resolve()) and manifest["image_size"] == 12
+    assert manifest["val_size"] is None  # val/ selects
     # Mean and std of the training images as the loaders read them (RGB, resized), by hand.
     pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB").resize((12, 12), Image.BILINEAR)).reshape(-1, 3)
                              for p in sorted((root / "train").rglob("*.png"))]) / 255
@@ -334,6 +337,11 @@ def test_a_streamed_folder_without_val_holds_out_and_a_broken_image_stops_the_pr
     loaders = StreamedLoaders(dict(data=str(out), crop=8, workers=0, threads=1, batch_size=4, max_batches=None,
                                    seed=0), torch.device("cpu"))
     assert len(loaders.train_set) == 15 and len(loaders.eval_sets["val"]) == 5
+    prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True))
+    assert json.loads(out.read_text())["val_size"] == 2  # a tenth of the 20 training images
+    for too_many in (20, 25):
+        with pytest.raises(DataError, match=f"pets: val_size {too_many} must be between 0 and the 20 training images"):
+            prepare(out, "pets", dict(kind="imagefolder", path=str(root), stream=True, val_size=too_many))
     # A test image cut short: its header opens; only the check of every image sees the rest is
     # missing (the mean and std decode training images).
     cut = root / "test" / "cat" / "1.png"
@@ -375,3 +383,65 @@ def test_published_numbers_are_matched_by_kind_and_model_not_by_the_studys_names
     assert (row.dataset, row.arch, row.rule) == ("c10", "small", "usf")  # the study's names, shown
     assert row.reference_error == 16.22  # BioTorch's CIFAR-10 LeNet usf, by hand from their table
     assert row.difference == pytest.approx(16.0 - 16.22)
+
+
+def test_the_md5_option_takes_one_checksum_or_one_per_file():
+    from feedback_alignment.sources import _md5_option
+
+    assert _md5_option(["0" * 32]) == "0" * 32
+    assert _md5_option(["a.gz=" + "1" * 32]) == {"a.gz": "1" * 32}
+    assert _md5_option(["a.gz=1", "b.gz=2"]) == {"a.gz": "1", "b.gz": "2"}
+    with pytest.raises(DataError, match="--md5 'b.gz': give one checksum, or FILE=MD5 for each file"):
+        _md5_option(["a.gz=1", "b.gz"])
+    with pytest.raises(SystemExit, match="prepare: --val-size 'many': not a valid value"):
+        prepare_cli.main(["--name", "digits", "--out", "x.pt", "--val-size", "many"])
+
+
+def test_torchvisions_addresses_and_checksums_stay_for_what_the_config_does_not_set(tmp_path, loopback_server):
+    import torchvision.datasets as tv
+
+    from feedback_alignment.torchvision_sets import TORCHVISION
+
+    mnist = TORCHVISION["mnist"].with_sources(None, None)
+    assert mnist.__name__ == "MNIST" and mnist.mirrors == tv.MNIST.mirrors[:1] and mnist.resources == tv.MNIST.resources
+    svhn = TORCHVISION["svhn"].with_sources(None, {"test_32x32.mat": "2" * 32})
+    assert svhn.split_list["train"] == tv.SVHN.split_list["train"]
+    assert svhn.split_list["test"] == [tv.SVHN.split_list["test"][0], "test_32x32.mat", "2" * 32]
+    # A mirror's files with md5s given for three of MNIST's four: the fourth keeps torchvision's.
+    served, base = loopback_server
+    md5 = serve_mnist(served)
+    del md5["train-labels-idx1-ubyte.gz"]
+    with pytest.raises(DataError, match=f"md5 of {base}/train-labels-idx1-ubyte.gz is .*, expected "
+                                        f"{dict(tv.MNIST.resources)['train-labels-idx1-ubyte.gz']}"):
+        prepare(tmp_path / "m.pt", "mnist", dict(mirror=f"{base}/", md5=md5))
+    # CIFAR's unpacked batches too: the archive's md5 given, the batches' left to torchvision.
+    archive_md5 = cifar_archive(served, "cifar10")["cifar-10-python.tar.gz"]
+    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1 unpacked with md5 \w+, expected "
+                                        + tv.CIFAR10.train_list[0][1]):
+        prepare(tmp_path / "c.pt", "cifar10", dict(url=f"{base}/cifar-10-python.tar.gz", md5=archive_md5))
+
+
+def test_an_image_folder_of_oblong_images_needs_image_size(tmp_path):
+    root = image_folder(tmp_path / "pets", size=(12, 9))
+    with pytest.raises(DataError, match=r"images are 12x9, not square \(.*pets/train/cat/0.png\); set image_size"):
+        prepare(tmp_path / "p.pt", "pets", dict(kind="imagefolder", path=str(root)))
+    prepare(tmp_path / "p.pt", "pets", dict(kind="imagefolder", path=str(root), image_size=9, val_size=1))
+    with pytest.raises(DataError, match="pets: val_size 20 must be between 0 and the 20 training images"):
+        prepare(tmp_path / "p.pt", "pets", dict(kind="imagefolder", path=str(root), image_size=9, val_size=20))
+
+
+def test_resizing_and_the_channel_statistics_over_more_images_than_one_chunk():
+    import torchvision.transforms.functional as TF
+
+    from feedback_alignment.data import channel_stats, resize
+
+    rng = np.random.RandomState(4)
+    images = rng.randint(0, 256, (4100, 2, 3, 5), dtype=np.uint8)  # oblong: rows and columns differ
+    mean, std = channel_stats(images)
+    as_float = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, as_float.mean((0, 2, 3)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(std, as_float.std((0, 2, 3)), rtol=0, atol=1e-9)
+    # torchvision's own resize (bilinear, antialiased), rounded to the uint8 grid
+    resized = resize(images, 4)
+    expected = TF.resize(torch.from_numpy(images).float(), [4, 4], antialias=True).round().clamp(0, 255).to(torch.uint8)
+    assert resized.dtype == np.uint8 and torch.equal(torch.from_numpy(resized), expected)

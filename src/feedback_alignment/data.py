@@ -80,11 +80,10 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def cache_splits(out, name, kind, train_images, train_labels, test_images, test_labels, classes,
                  val_size, split_seed, image_size, source, val=None) -> None:
-    """Resize, hold out validation images (unless `val` is given), normalize from train, cache."""
+    """Resize, hold out validation images (unless `val` is given, at the images' size), normalize
+    from train, cache."""
     if image_size:
         train_images, test_images = resize(train_images, image_size), resize(test_images, image_size)
-        if val is not None:
-            val = (resize(val[0], image_size), val[1])
     if val is None:
         if not 0 < val_size < len(train_labels):
             raise DataError(f"{name}: val_size {val_size} must be between 0 and the {len(train_labels)} training images")

@@ -103,7 +103,7 @@ class Kind:
         return {key: given.get(key, option.default) for key, option in known.items()}
 
 
-def _torchvision_kind(kind: str, address: Option, channels: int, side: int) -> Kind:
+def _torchvision_kind(kind: str, address: Option, channels: int, side: int) -> Kind:  # pragma: no mutate block
     return Kind(kind, (address, MD5, VAL_SIZE, SPLIT_SEED, IMAGE_SIZE),
                 lambda out, name, **o: prepare_torchvision(out, name, kind, **o),
                 shape=lambda o: (channels, o.get("image_size") or side))

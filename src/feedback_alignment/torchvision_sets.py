@@ -126,7 +126,7 @@ def _check_archive(archive: Path) -> None:
                 parts = Path(member.name).parts
                 if Path(member.name).is_absolute() or ".." in parts:
                     raise DataError(f"{archive.name}: member {member.name!r} would extract outside the target directory")
-                if member.issym() or member.islnk() or not (member.isfile() or member.isdir()):
+                if not (member.isfile() or member.isdir()):  # links (symbolic or hard) and devices
                     raise DataError(f"{archive.name}: member {member.name!r} is a link or special file; refused")
     except (tarfile.TarError, EOFError, OSError) as error:
         raise DataError(f"{archive.name}: not a readable tar.gz archive ({error})") from None
