@@ -1,4 +1,5 @@
 """The tensor cache and its batches: digits, augmentation, exact resume (downloads: test_sources.py)."""
+import pytest
 import torch
 
 from feedback_alignment import data
@@ -56,3 +57,44 @@ def test_random_crop_matches_hand_indexing():
     top, left = torch.tensor([0, 2]), torch.tensor([1, 0])
     crops = data._crop(images, top, left, 2)
     assert torch.equal(crops[0], images[0, :, 0:2, 1:3]) and torch.equal(crops[1], images[1, :, 2:4, 0:2])
+
+
+def test_center_crop_takes_the_middle_by_hand():
+    images = torch.arange(2 * 1 * 7 * 7).view(2, 1, 7, 7)
+    assert torch.equal(data.center_crop(images, 4), images[..., 1:5, 1:5])  # (7 - 4) // 2 = 1
+    assert torch.equal(data.center_crop(images, 3), images[..., 2:5, 2:5])
+    assert torch.equal(data.center_crop(images, 7), images)
+    oblong = torch.arange(6 * 8).view(1, 1, 6, 8)
+    assert torch.equal(data.center_crop(oblong[..., :6], 2), oblong[..., 2:4, 2:4])
+
+
+def test_evaluation_batches_cover_each_image_once_in_order_and_split_among_ranks():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    loaded = data.TensorData("t", "t", {"train": (images, labels), "val": (images, labels)}, 10, torch.zeros(1, 1, 1, 1),
+                             torch.ones(1, 1, 1, 1))
+    assert [b[1].tolist() for b in data.batches(loaded, "val", 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b[1].tolist() for b in data.batches(loaded, "val", 4, max_batches=2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    ranks = [[b[1].tolist() for b in data.batches(loaded, "val", 4, rank=r, world_size=2)] for r in (0, 1)]
+    assert ranks == [[[0, 1, 2, 3], [8, 9]], [[4, 5, 6, 7]]]
+    first, _ = next(data.batches(loaded, "val", 4))
+    assert torch.equal(first[:, 0, 0, 0], torch.arange(4) / 255)  # (x / 255 - 0) / 1
+
+
+def test_the_digits_cache_holds_sklearns_images_on_the_0_255_scale(tmp_path):
+    from sklearn.datasets import load_digits
+
+    out = tmp_path / "digits.pt"
+    data.prepare_digits(out)
+    record = torch.load(out, weights_only=True)
+    cached = torch.cat([record[f"{s}_images"] for s in ("train", "val", "test")]).flatten(1)
+    labels = torch.cat([record[f"{s}_labels"] for s in ("train", "val", "test")])
+    digits = load_digits()
+    expected = torch.from_numpy((digits.images.reshape(len(digits.images), -1) * 255 / 16).round()).to(torch.uint8)
+    # The same images with the same labels, in another order (rows sorted with their label).
+    def rows(images, targets):
+        return sorted(zip(images.tolist(), targets.tolist()))
+    assert rows(cached, labels) == rows(expected, torch.from_numpy(digits.target))
+    assert record["kind"] == "digits" and int(cached.max()) == 255
+    with pytest.raises(data.DataError, match="digits has 1797 images; val_size \\+ test_size must leave some"):
+        data.prepare_digits(tmp_path / "d.pt", val_size=1437)
