@@ -98,3 +98,19 @@ def test_the_digits_cache_holds_sklearns_images_on_the_0_255_scale(tmp_path):
     assert record["kind"] == "digits" and int(cached.max()) == 255
     with pytest.raises(data.DataError, match="digits has 1797 images; val_size \\+ test_size must leave some"):
         data.prepare_digits(tmp_path / "d.pt", val_size=1437)
+
+
+def test_random_crops_reach_every_offset_and_flips_are_horizontal_half_the_time():
+    # Each pixel holds its own position, so a crop's first pixel tells where the crop began.
+    images = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(4000, 1, 1, 1)
+    crops = data.augment(images, torch.Generator().manual_seed(0), crop=2, pad=0, flip=False)
+    corner = crops[:, 0, 0, 0].long()
+    tops, lefts = corner // 4, corner % 4
+    assert set(tops.tolist()) == {0, 1, 2} and set(lefts.tolist()) == {0, 1, 2}  # room 2, both ends
+    for offset in range(3):  # uniform: about a third each
+        assert abs((tops == offset).float().mean().item() - 1 / 3) < 0.04
+    assert torch.equal(crops[:, 0, 1, 1].long(), corner + 5)  # the crop is contiguous
+    flipped = data.augment(images, torch.Generator().manual_seed(1), crop=4, pad=0, flip=True)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    kept = (flipped == images).flatten(1).all(1)
+    assert bool((mirrored | kept).all()) and abs(mirrored.float().mean().item() - 0.5) < 0.04
