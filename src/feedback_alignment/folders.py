@@ -49,6 +49,11 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {error}") from None
 
 
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """H x W x 3: a grayscale image's one channel repeated."""
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+
+
 def _read_folder(files: dict[str, list[Path]], labels: dict[str, int], image_size: int | None):
     arrays, targets = [], []
     for label, paths in files.items():
@@ -69,7 +74,7 @@ def _stack(arrays: list[np.ndarray], paths: list[Path], channels: int) -> np.nda
         raise DataError(f"images are {shape[1]}x{shape[0]}, not square ({paths[0]}); set image_size")
     if channels == 1:
         return np.stack(arrays)[:, None]
-    return np.stack([np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]).transpose(0, 3, 1, 2)
+    return np.stack([_as_rgb(a) for a in arrays]).transpose(0, 3, 1, 2)
 
 
 def prepare_imagefolder(out: Path, name: str, kind: str = "imagefolder", path=None, val_size=None,
@@ -128,7 +133,7 @@ def _describe_folder(out, name, root: Path, files: dict, val_size, split_seed, i
         raise DataError(f"{name}: val_size {val_size} must be between 0 and the {train_images} training images")
     every = [p for paths in files["train"].values() for p in paths]
     sample = np.random.RandomState(split_seed).permutation(len(every))[:STATISTICS_SAMPLE]
-    decoded = [_decode_rgb(every[i], image_size) for i in sorted(sample)]
+    decoded = [_as_rgb(_decode(every[i], image_size)) for i in sorted(sample)]
     pixels = np.concatenate([image.reshape(-1, 3) for image in decoded]).astype(np.float64) / 255
     write_json(out, dict(kind="imagefolder", name=name, layout="imagefolder", root=str(root.resolve()),
                          train=str((root / "train").resolve()), test=str((root / "test").resolve()),
@@ -137,9 +142,6 @@ def _describe_folder(out, name, root: Path, files: dict, val_size, split_seed, i
                          image_size=image_size, mean=pixels.mean(0).tolist(), std=pixels.std(0).tolist()))
 
 
-def _decode_rgb(path: Path, image_size: int | None) -> np.ndarray:
-    image = _decode(path, image_size)
-    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
 def prepare_imagenet(path: str | Path, val_size: int = 10000, split_seed: int = 0) -> dict:

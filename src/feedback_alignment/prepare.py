@@ -15,6 +15,9 @@ import sys
 from .data import DataError
 from .sources import KINDS, prepare
 
+# Every kind's options by name (a name shared by kinds parses the same way in each).
+OPTIONS = {option.name: option for kind in KINDS.values() for option in kind.options}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m feedback_alignment prepare", description=__doc__,
@@ -22,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="the dataset's name in the study (recorded in the cache)")
     parser.add_argument("--kind", default=None, choices=KINDS, help="default: the name, when it is a kind")
     parser.add_argument("--out", required=True, help="cache file (.pt) or, for imagenet, manifest (.json)")
-    options = {option.name: option for kind in KINDS.values() for option in kind.options}
-    for name, option in options.items():
+    for name, option in OPTIONS.items():
         users = ", ".join(kind.name for kind in KINDS.values() if name in {o.name for o in kind.options})
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
                             nargs="+" if name == "md5" else None, help=f"{users}: {option.help}")
@@ -37,9 +39,8 @@ def main(argv=None):
     config = dict(given, **({"kind": args.kind} if args.kind else {}))
     try:
         for key, value in given.items():
-            option = next(o for kind in KINDS.values() for o in kind.options if o.name == key)
             try:
-                config[key] = option.parse(value)
+                config[key] = OPTIONS[key].parse(value)
             except ValueError:
                 raise DataError(f"--{key.replace('_', '-')} {value!r}: not a valid value") from None
         prepare(args.out, args.name, config)

@@ -138,8 +138,9 @@ def _unpacked_fault(source: _Torchvision, cls, root: Path) -> str | None:
         found = next((path for path in root.rglob(filename) if path.is_file()), None)
         if found is None:
             return f"the archive lacks {filename}"
-        if expected and _md5(found) != expected:
-            return f"{found.relative_to(root)} unpacked with md5 {_md5(found)}, expected {expected} (set md5 for it)"
+        digest = _md5(found) if expected else None
+        if digest != expected:
+            return f"{found.relative_to(root)} unpacked with md5 {digest}, expected {expected} (set md5 for it)"
     return None
 
 
