@@ -257,3 +257,31 @@ def test_lenet_has_biotorchs_layers_and_a_study_feeding_it_28px_mnist_is_refused
         Study(config)
     config["datasets"]["mnist"]["image_size"] = 32
     Study(config)
+
+
+@pytest.mark.parametrize("arch", ["convnet", "arch1", "lenet_cifar", "resnet20", "resnet18"])
+def test_the_config_check_builds_each_model_with_its_modules_and_shapes(arch):
+    import torch
+    from feedback_alignment.models import ShapesOnly, build_model
+
+    with ShapesOnly():
+        checked = build_model(arch, 10, 3, 32, True, 3, 8)
+    plain = build_model(arch, 10, 3, 32, True, 3, 8)
+    assert [(name, p.shape) for name, p in checked.named_parameters()] == [
+        (name, p.shape) for name, p in plain.named_parameters()]
+    assert {p.device.type for p in checked.parameters()} == {"meta"}
+    assert torch.empty(2).normal_().device.type == "cpu"  # the mode ends with its block
+
+
+def test_checking_a_studys_models_leaves_torchs_compiler_unimported():
+    """On meta tensors torch.nn.init's normal_ imports torch._dynamo (seconds, at every Snakemake
+    start): the config check skips the random fills. In a fresh process: this one has imported it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, yaml; from feedback_alignment.study import Study; "
+            "Study(yaml.safe_load(open(sys.argv[1]))); print('torch._dynamo' in sys.modules)")
+    process = subprocess.run([sys.executable, "-c", code, str(REPO / "config" / "cifar10.yaml")],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip() == "False"

@@ -150,6 +150,30 @@ class CifarResNet(nn.Module):
 CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
 
+class ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Builds models for their modules and shapes only (a study's config check): on the meta
+    device, with torch.nn.init's random fills skipped. On meta tensors those fills are Python
+    decompositions whose first use imports torch's compiler stack, about 2 s of every Snakemake
+    start; the values of meta tensors mean nothing anyway."""
+
+    RANDOM_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.erfinv_,
+                              torch.Tensor.exponential_, torch.Tensor.bernoulli_})
+
+    def __enter__(self):
+        self.device = torch.device("meta")
+        self.device.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.device.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.RANDOM_FILLS:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
                 batch_norm: bool = True, depth: int = 8, width: int = 32) -> nn.Module:
     if arch == "convnet":

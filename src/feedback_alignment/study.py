@@ -199,9 +199,7 @@ class Study:
     def _check_models(self) -> None:
         """Crops larger than the images, architectures that cannot take the images, excluded
         names that are not modules: each (dataset, arch, variant) model built on the meta device."""
-        import torch
-
-        from .models import build_model
+        from .models import ShapesOnly, build_model
 
         for dataset, arch, variant in dict.fromkeys((r.dataset, r.arch, r.variant) for r in self.runs):
             s = self.settings(dataset, arch, variant)
@@ -216,7 +214,7 @@ class Study:
                 raise ConfigError(f"archs.{arch}.augment.crop",
                                   f"crop {crop} is larger than the {side}x{side} {dataset} images plus padding")
             try:
-                with torch.device("meta"):
+                with ShapesOnly():
                     model = build_model(s["arch"], 10, channels, crop, s["batch_norm"], s["depth"], s["width"])
             except ValueError as error:
                 raise ConfigError(f"archs.{arch} with variants.{variant} on {dataset}", str(error)) from None
