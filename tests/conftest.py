@@ -1,9 +1,14 @@
+import contextlib
 import copy
+import fcntl
 import functools
 import http.server
+import importlib
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -13,8 +18,48 @@ import pytest
 import torch
 
 import feedback_alignment as fa
+import feedback_alignment.__main__
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its share of the cores, and so do the processes its
+    tests start (OMP_NUM_THREADS): workers that each ran on every core would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the longest of them (slow(seconds=...), measured on 2 cores) first of
+    all: pytest-xdist hands tests out one at a time (pyproject's --maxschedchunk 1) to the worker
+    that has finished one, so the longest run side by side and the short ones fill in around them
+    (a long test started last would run alone at the end)."""
+    def expected_seconds(item):
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else mark.kwargs.get("seconds", 5)
+    items.sort(key=expected_seconds, reverse=True)
+
+
+def computed_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that build(folder) fills once per test session, whichever pytest-xdist worker asks
+    first; the others wait for it and use it. (A module-scoped fixture alone runs once per worker
+    that runs one of its tests.) Returns the folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own
+    folder = root / f"computed-once-{name}"
+    with open(root / f"computed-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").exists():  # (a build that failed is tried again)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -87,15 +132,43 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+def cli(command: str, *argv: str) -> tuple[int, str]:
+    """`python -m feedback_alignment COMMAND ARGV...` run in this process, as (exit status, stderr).
+
+    The same main() the process runs, and the exit the interpreter would make of it (sys.exit with
+    a message: the message on stderr, status 1), without a process start and torch's import; an
+    uncaught exception propagates (a process would print its traceback). What a command changes in
+    the process is put back: torch's thread count and random state, the SIGTERM/SIGUSR1 handlers
+    train installs."""
+    module = importlib.import_module(f"feedback_alignment.{fa.__main__.MODULES.get(command, command)}")
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            module.main(list(argv))
+        status = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            stderr.write(exit_.code + "\n")
+        status = 1 if isinstance(exit_.code, str) else (exit_.code or 0)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return status, stderr.getvalue()
+
+
 def train_digits(tmp_path: Path, *flags: str) -> dict:
-    """Prepare the digits data, run the real train CLI with `flags`, return its result.json."""
+    """Prepare the digits data, run the train command with `flags` (in this process), return its
+    result.json."""
     from feedback_alignment import data
     data.prepare_digits(tmp_path / "digits.pt")
     out = tmp_path / "run"
-    process = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
-                              "--data", str(tmp_path / "digits.pt"), "--out", str(out), *flags],
-                             capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
+    status, stderr = cli("train", "--dataset", "digits", "--data", str(tmp_path / "digits.pt"), "--out", str(out),
+                         *flags)
+    assert status == 0, stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
 

@@ -37,6 +37,7 @@ torch_save(sys.argv[1], big)
 """
 
 
+@pytest.mark.slow
 def test_a_write_killed_midway_leaves_the_previous_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"the previous checkpoint")

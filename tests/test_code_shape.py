@@ -3,6 +3,8 @@ private from training (both share runs.py)."""
 import ast
 from pathlib import Path
 
+import pytest
+
 import feedback_alignment
 
 PACKAGE = Path(feedback_alignment.__file__).parent
@@ -22,6 +24,7 @@ def test_evaluation_imports_nothing_from_training():
     assert "train" not in imported and "feedback_alignment.train" not in imported
 
 
+@pytest.mark.slow
 def test_a_hanging_test_fails_instead_of_holding_the_suite(tmp_path):
     """pyproject's pytest settings give every test a time limit (pytest-timeout)."""
     import subprocess
@@ -29,7 +32,7 @@ def test_a_hanging_test_fails_instead_of_holding_the_suite(tmp_path):
 
     (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(60)\n")
     repository = PACKAGE.parents[1]
-    process = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    process = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                               "-c", str(repository / "pyproject.toml"), "--rootdir", str(tmp_path),
                               "-o", "timeout=2", str(tmp_path / "test_hang.py")],
                              capture_output=True, text=True, timeout=50)

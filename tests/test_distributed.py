@@ -12,7 +12,7 @@ import torch
 
 from feedback_alignment import data
 from feedback_alignment.distributed import World, claim_gpu_slot
-from conftest import FEEDBACK_RULES, scale_for
+from conftest import FEEDBACK_RULES, computed_once, scale_for
 
 FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
          "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
@@ -60,7 +60,11 @@ WRITE_LOGGER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def single_and_parallel(digits, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+    root = computed_once(tmp_path_factory, "single-and-parallel", lambda root: train_both(digits, root))
+    return root / "single", root / "parallel"
+
+
+def train_both(digits, root):
     train([sys.executable], digits, root / "single")
     hook, logs = root / "hook", root / "write-logs"
     hook.mkdir(), logs.mkdir()
@@ -68,9 +72,9 @@ def single_and_parallel(digits, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            "WRITE_LOG_DIR": str(logs)}
     train(TORCHRUN, digits, root / "parallel", env=env)
-    return root / "single", root / "parallel"
 
 
+@pytest.mark.slow(seconds=15)
 def test_two_processes_equal_one_process_with_the_same_global_batch(single_and_parallel):
     single, parallel = single_and_parallel
     a, b = (pd.read_csv(d / "history.csv") for d in (single, parallel))
@@ -91,6 +95,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(single_and_p
     assert result["placement"]["world_size"] == 2 and result["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(single_and_parallel):
     single, parallel = single_and_parallel
     assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -135,13 +140,14 @@ RANK_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def feedback_on_each_rank(tmp_path_factory):
     """Every rule's B after three data-parallel steps on different data per rank, from one launch."""
-    root = tmp_path_factory.mktemp("ranks")
-    script = root / "ranks.py"
-    script.write_text(RANK_SCRIPT)
-    run([*TORCHRUN, str(script), str(root), *(f"{rule}:{scale_for(rule)}" for rule in FEEDBACK_RULES)])
-    return root
+    def launch(root):
+        script = root / "ranks.py"
+        script.write_text(RANK_SCRIPT)
+        run([*TORCHRUN, str(script), str(root), *(f"{rule}:{scale_for(rule)}" for rule in FEEDBACK_RULES)])
+    return computed_once(tmp_path_factory, "feedback-on-each-rank", launch)
 
 
+@pytest.mark.slow(seconds=15)
 @pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_feedback_weights_are_identical_on_every_rank(rule, feedback_on_each_rank):
     zero, one = (torch.load(feedback_on_each_rank / f"{rule}-rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -150,6 +156,7 @@ def test_feedback_weights_are_identical_on_every_rank(rule, feedback_on_each_ran
         assert torch.equal(zero[name], one[name]), name
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path):
     process = subprocess.run([*TORCHRUN, "-m", "feedback_alignment", "train", "--dataset", "digits",
                               "--data", str(digits), "--out", str(tmp_path / "run"), *FLAGS,

@@ -14,6 +14,7 @@ import torch
 import scipy.io
 from PIL import Image
 
+from conftest import cli, computed_once
 from feedback_alignment import data, folders
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -42,11 +43,12 @@ def class_folders(root, train=12, val=5):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    root = class_folders(tmp_path_factory.mktemp("imagenet"))
-    path = root / "imagenet.json"
-    subprocess.run([sys.executable, "-m", "feedback_alignment", "prepare", "--name", "imagenet",
-                    "--path", str(root), "--val-size", "4", "--out", str(path)], check=True, timeout=120)
-    return path
+    def prepare(folder):
+        class_folders(folder)
+        status, stderr = cli("prepare", "--name", "imagenet", "--path", str(folder), "--val-size", "4",
+                             "--out", str(folder / "imagenet.json"))
+        assert status == 0, stderr
+    return computed_once(tmp_path_factory, "imagenet", prepare) / "imagenet.json"
 
 
 def train(launcher, manifest, out):
@@ -56,6 +58,7 @@ def train(launcher, manifest, out):
     return json.loads((out / "result.json").read_text())
 
 
+@pytest.mark.slow(seconds=15)
 def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
     single = train([sys.executable], manifest, tmp_path / "single")
     parallel = train(TORCHRUN, manifest, tmp_path / "parallel")
@@ -80,6 +83,7 @@ def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_augmentation_is_drawn_per_run_seed_epoch_and_image(manifest):
     """The same (epoch, image) gives the same crop whatever the random state around it, which it
     leaves alone; another epoch, image or run seed gives another crop."""
@@ -109,6 +113,7 @@ def test_augmentation_is_drawn_per_run_seed_epoch_and_image(manifest):
     assert len(boxes) == 6
 
 
+@pytest.mark.slow
 def test_selection_holds_out_training_images_and_one_loader_serves_every_epoch(manifest):
     from feedback_alignment.imagenet import StreamedLoaders
     import torch

@@ -247,6 +247,7 @@ def test_attention_sends_the_error_through_its_projections_feedback(rule, case):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.slow
 def test_vit_b_16_converts_fully():
     torch.manual_seed(0)
     model = torchvision.models.vit_b_16(image_size=32, num_classes=10)

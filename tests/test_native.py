@@ -151,6 +151,7 @@ def test_without_a_compiler_a_warning_and_the_same_values(monkeypatch, tmp_path)
     native.reset()
 
 
+@pytest.mark.slow
 def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("FEEDBACK_ALIGNMENT_CACHE", str(tmp_path))
     native.reset()
@@ -164,6 +165,7 @@ def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
     native.reset()
 
 
+@pytest.mark.slow
 def test_it_shares_torchs_openmp_runtime(kernel):
     # A second OpenMP runtime would bring its own threads, which compete with torch's for the
     # cores. In a fresh process (other packages bring their own runtimes): loading the kernel

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import cli, computed_once
 from feedback_alignment import data, figures, summarize
 
 RUN_FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--rule", "brsf", "--scale", "match",
@@ -24,15 +25,19 @@ def digits(tmp_path_factory):
     return path
 
 
+def train_flags(digits, out, *extra):
+    return ["--dataset", "digits", "--data", str(digits), "--out", str(out), *RUN_FLAGS, *extra]
+
+
 def train_command(digits, out, *extra):
-    return [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
-            "--data", str(digits), "--out", str(out), *RUN_FLAGS, *extra]
+    return [sys.executable, "-m", "feedback_alignment", "train", *train_flags(digits, out, *extra)]
 
 
-def finish(command):
-    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr[-2000:]
-    return process
+def finish(command: str, *argv: str) -> str:
+    """A command run to its end in this process (the interrupted runs are processes); its stderr."""
+    status, stderr = cli(command, *argv)
+    assert status == 0, stderr[-2000:]
+    return stderr
 
 
 def interrupt_after_first_epoch(command, out, signum, extra_wait=0.0):
@@ -61,22 +66,21 @@ def assert_same_run(resumed, straight):
 
 @pytest.fixture(scope="module")
 def straight_run(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    finish(train_command(digits, out))
-    return out
+    return computed_once(tmp_path_factory, "straight-run", lambda out: finish("train", *train_flags(digits, out)))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(digits, straight_run, tmp_path):
     out = tmp_path / "run"
     returncode, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGKILL, 0.05)
     assert returncode == -signal.SIGKILL
     assert not (out / "result.json").exists()
-    resumed = finish(train_command(digits, out))
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in finish("train", *train_flags(digits, out))
     assert_same_run(out, straight_run)
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # preemption; SLURM's time-limit warning
 def test_a_stop_signal_checkpoints_mid_epoch_and_resumes_exactly(signum, digits, straight_run, tmp_path):
     out = tmp_path / "run"
@@ -86,37 +90,37 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_resumes_exactly(signum, digits,
     assert "Traceback" not in stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["batches"] is not None and state["batches"]["next"] > 0  # mid-epoch
-    finish(train_command(digits, out))
+    finish("train", *train_flags(digits, out))
     assert_same_run(out, straight_run)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_refused(digits, tmp_path):
     out = tmp_path / "run"
-    finish(train_command(digits, out, "--epochs", "1"))
+    finish("train", *train_flags(digits, out, "--epochs", "1"))
     before = (out / "checkpoint.pt").read_bytes()
-    process = subprocess.run(train_command(digits, out, "--epochs", "1", "--lr", "0.01"),
-                             capture_output=True, text=True, timeout=300)
-    assert process.returncode == 1
-    assert "different config (lr: 0.05 there, 0.01 now)" in process.stderr
-    assert "Traceback" not in process.stderr
+    status, stderr = cli("train", *train_flags(digits, out, "--epochs", "1", "--lr", "0.01"))
+    assert status == 1
+    assert "different config (lr: 0.05 there, 0.01 now)" in stderr
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
     runs = tmp_path / "runs"
     diverging = runs / "usf-raw"
     fine = runs / "bp"
     base = ["--arch", "convnet", "--depth", "6", "--width", "16", "--no-batch-norm", "--epochs", "3",
             "--threads", "1", "--device", "cpu", "--lr", "0.5", "--batch-size", "32"]
-    command = [sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits", "--data", str(digits)]
-    finish(command + base + ["--rule", "usf", "--scale", "none", "--variant", "raw", "--out", str(diverging)])
-    finish(command + base[:-4] + ["--lr", "0.01", "--batch-size", "32", "--rule", "bp", "--out", str(fine),
-                                  "--epochs", "1"])
+    command = ["train", "--dataset", "digits", "--data", str(digits)]
+    finish(*command, *base, "--rule", "usf", "--scale", "none", "--variant", "raw", "--out", str(diverging))
+    finish(*command, *base[:-4], "--lr", "0.01", "--batch-size", "32", "--rule", "bp", "--out", str(fine),
+           "--epochs", "1")
     result = json.loads((diverging / "result.json").read_text())
     assert result["status"] == "diverged" and result["diverged_at_epoch"] == 1
     assert result["diverged_at_step"] >= 1 and result["best_epoch"] is None
     for run in (diverging, fine):
-        finish([sys.executable, "-m", "feedback_alignment", "evaluate", "--run", str(run)])
+        finish("evaluate", "--run", str(run))
     evaluation = json.loads((diverging / "evaluation.json").read_text())
     assert evaluation["status"] == "diverged" and evaluation["test_error_top1"] is None
     summarize.main(["--runs", str(runs), "--out", str(tmp_path)])
@@ -140,13 +144,22 @@ def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
                                "--batch-size 5000"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(digits, tmp_path, extra, message):
+    # In this process (an exception other than the one-line exit would fail the test here, as a
+    # process would print its traceback); test_a_refused_process_* checks the process's own exit.
     out = tmp_path / "run"
-    command = train_command(digits, out) + extra  # later flags win
-    process = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1
-    assert process.stderr.strip().splitlines()[-1].startswith(message), process.stderr[-500:]
-    assert "Traceback" not in process.stderr
+    status, stderr = cli("train", *train_flags(digits, out, *extra))  # later flags win
+    assert status == 1
+    assert stderr.strip().splitlines()[-1].startswith(message), stderr[-500:]
     assert not out.exists()  # a refused run leaves nothing behind, not even its folder
+
+
+def test_a_refused_process_exits_1_with_one_line_and_no_traceback(digits, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.run(train_command(digits, out) + ["--arch", "nonet"], capture_output=True, text=True,
+                             timeout=120)
+    lines = process.stderr.strip().splitlines()
+    assert process.returncode == 1 and len(lines) == 1 and lines[0].startswith("train: unknown arch 'nonet'")
+    assert not out.exists()
 
 
 def test_evaluate_and_summarize_user_errors(tmp_path):
@@ -154,10 +167,8 @@ def test_evaluate_and_summarize_user_errors(tmp_path):
             (["evaluate", "--run", str(tmp_path / "none")], "evaluate: "),
             (["summarize", "--runs", str(tmp_path), "--out", str(tmp_path)], "summarize: no evaluation.json"),
             (["figures", "--results", str(tmp_path), "--out", str(tmp_path)], "figures: ")):
-        process = subprocess.run([sys.executable, "-m", "feedback_alignment", *command],
-                                 capture_output=True, text=True, timeout=120)
-        assert process.returncode == 1 and process.stderr.startswith(message), process.stderr[-500:]
-        assert "Traceback" not in process.stderr
+        status, stderr = cli(*command)
+        assert status == 1 and stderr.startswith(message) and stderr.count("\n") == 1, stderr[-500:]
 
 
 def test_checkpoint_of_another_code_version_is_refused(tmp_path):
@@ -173,6 +184,7 @@ def test_checkpoint_of_another_code_version_is_refused(tmp_path):
         checkpoint.check_checkpoint({**current, "git_sha": "0123abc"}, config, tmp_path / "c.pt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp_path):
     """A checkpoint written before TrainState (format 1: no 'format' key, the state a plain dict)
     is refused in one line that says what changed, and the run's files stay as they were."""
@@ -183,9 +195,9 @@ def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp
     del old["format"]
     torch.save(old, path)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    process = subprocess.run(train_command(digits, out), capture_output=True, text=True, timeout=300)
-    assert process.returncode == 1 and "Traceback" not in process.stderr
-    assert process.stderr.strip().splitlines()[-1] == (
+    status, stderr = cli("train", *train_flags(digits, out))
+    assert status == 1
+    assert stderr.strip().splitlines()[-1] == (
         f"train: {path} has checkpoint format 1, this code reads format 2 (the training state became the "
         "TrainState record (checkpoints of format 1 have no 'format' key)); delete it to start over")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -193,15 +205,16 @@ def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp
 
 @pytest.mark.parametrize("rule, options", [("dfa", ()), ("kp", ()), ("wm", ()),
                                            ("ia", ("--rule-option", "gamma_start=0.5"))])
+@pytest.mark.slow
 def test_learned_and_direct_feedback_resume_exactly(rule, options, digits, tmp_path):
     # dfa's lazily drawn B, kp's and ia's B in the optimizer state, wm's B and its noise stream
     # position; ia's gamma turns on in the second of three epochs, after the resume.
     flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2", *options)
     straight, out = tmp_path / "straight", tmp_path / "run"
-    finish(train_command(digits, straight, *flags))
+    finish("train", *train_flags(digits, straight, *flags))
     returncode, stderr = interrupt_after_first_epoch(train_command(digits, out, *flags), out, signal.SIGTERM, 0.05)
     assert returncode == 1, stderr[-2000:]
-    finish(train_command(digits, out, *flags))
+    finish("train", *train_flags(digits, out, *flags))
     assert_same_run(out, straight)
 
 

@@ -1,6 +1,7 @@
 """The SLURM profile against a real SLURM: Debian's slurm-wlm and munge on this machine, started by
 scripts/local_slurm.sh (one node, two fake GPUs, accounting off). A tiny digits study goes through
 profiles/slurm as submitted jobs and ends with its summary."""
+import fcntl
 import os
 import shutil
 import subprocess
@@ -13,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+
+from conftest import REPO, cli
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 
@@ -36,87 +38,87 @@ def slurm():
         pytest.skip(f"no SLURM here ({', '.join(missing)} not found): scripts/local_slurm.sh install adds it")
     if os.getuid() != 0:
         pytest.skip("the local SLURM runs its daemons as root")
-    # Not under pytest's tmp_path: munge refuses sockets below directories others can't enter.
-    directory = Path(tempfile.mkdtemp(prefix="fa-slurm-", dir="/tmp"))
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(directory)], capture_output=True, text=True,
-                             timeout=120)
-    try:
-        if started.returncode != 0 or "idle" not in started.stdout:
-            pytest.skip(f"the SLURM daemons did not start: {(started.stdout + started.stderr).strip()[-500:]}")
-        yield directory
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=60)
-        shutil.rmtree(directory, ignore_errors=True)
+    # One SLURM at a time (its daemons listen on fixed ports): a test of this module on another
+    # pytest-xdist worker waits here until this one's daemons have stopped.
+    with open("/tmp/fa-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Not under pytest's tmp_path: munge refuses sockets below directories others can't enter.
+        directory = Path(tempfile.mkdtemp(prefix="fa-slurm-", dir="/tmp"))
+        try:
+            started = subprocess.run(["bash", str(SCRIPT), "start", str(directory)], capture_output=True,
+                                     text=True, timeout=120)
+            if started.returncode != 0 or "idle" not in started.stdout:
+                pytest.skip(f"the SLURM daemons did not start: {(started.stdout + started.stderr).strip()[-500:]}")
+            yield directory
+        finally:
+            subprocess.run(["bash", str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=60)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_a_study_runs_through_the_slurm_profile(slurm, tmp_path):
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(STUDY))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-               "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", "config/config.yaml",
-               # This SLURM keeps no accounts and no accounting (status from squeue).
-               "--slurm-no-account", "--slurm-status-command", "squeue",
-               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4"]
-    process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                             env={**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")})
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    log = process.stdout + process.stderr
-    # Training (with its evaluation) went to SLURM as jobs; nothing asked for a GPU (the study has none).
-    assert log.count("has been submitted with SLURM jobid") == 2, log[-3000:]
-    assert "rule_train" in log
-    summary = pd.read_csv(tmp_path / "results" / "tiny" / "summary.csv")
-    assert list(summary["n_seeds"]) == [2] and summary["test_error_mean"].between(0, 100).all()
-    for seed in (0, 1):
-        run = tmp_path / "results/tiny/runs/digits/net/usf-matched" / f"seed{seed}"
-        assert (run / "evaluation.json").is_file() and (run / "result.json").is_file()
+def _running_jobs(env) -> dict[str, str]:
+    """Running jobs by their comment, where the plugin writes the rule and its wildcards."""
+    out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%k %i"], capture_output=True, text=True, timeout=30,
+                         env=env)
+    return dict(line.split() for line in out.stdout.splitlines())
 
 
-def _running_jobs() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True, timeout=30)
-    return out.stdout.split()
-
-
-def test_a_preempted_training_job_checkpoints_and_the_retry_resumes_it(slurm, tmp_path):
-    """SIGUSR1 to a running training job's steps, as the profile's time-limit warning sends it (a
-    preemption's SIGTERM was checked the same way): the run checkpoints and fails, Snakemake's
-    retry (the profile's `retries: 1`) resumes it, and it ends with an uninterrupted run's metrics."""
+@pytest.mark.slow(seconds=95)
+def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slurm, tmp_path, monkeypatch):
+    """Two seeds' training jobs go to SLURM; one gets SIGUSR1, as the profile's time-limit warning
+    sends it (a preemption's SIGTERM was checked the same way): that run checkpoints and fails,
+    Snakemake's retry (the profile's `retries: 1`) resumes it, and it ends with an uninterrupted
+    run's metrics; the other runs through, and the study ends with its summary. (One Snakemake run
+    for both: each SLURM round trip waits on the plugin's status checks.)"""
     training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
-    # 20 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists, finds the
-    # job training (the alignment probe every 10 steps, not 2: it was most of the step's time).
-    study = dict(STUDY, seeds=[0], training=dict(training, epochs=20, alignment_every=10))
+    # 8 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists, finds the
+    # job training (the alignment probe every 10 steps, not 2: it was most of the step's time). No
+    # longer: the plugin checks the jobs' status 1, 12, 33 and 64 s after submitting them, and a job
+    # that ends after 33 s waits for the check at 64.
+    study = dict(STUDY, training=dict(training, epochs=8, alignment_every=10))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
     env = {**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")}
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", "config/config.yaml",
+               # This SLURM keeps no accounts and no accounting (status from squeue).
                "--slurm-no-account", "--slurm-status-command", "squeue",
-               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "2"]
-    run = tmp_path / "results/tiny/runs/digits/net/usf-matched/seed0"
+               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4"]
+    runs = tmp_path / "results/tiny/runs/digits/net/usf-matched"
+    preempted = runs / "seed0"
     workflow = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     try:
         deadline = time.time() + 300
-        while not (run / "checkpoint.pt").exists():  # the first epoch is done: the job is training
+        while not (preempted / "checkpoint.pt").exists():  # the first epoch is done: the job is training
             assert workflow.poll() is None and time.time() < deadline, "the training job never checkpointed"
             time.sleep(0.2)
-        jobs = _running_jobs()
-        assert len(jobs) == 1, jobs
+        jobs = _running_jobs(env)
+        job = jobs.get("rule_train_wildcards_digits_net_usf_matched_0")
+        assert job is not None, jobs
         # USR1 to the job's steps, as the profile's --signal=USR1@300 sends it before the time limit.
-        subprocess.run(["scancel", "--signal=USR1", jobs[0]], check=True, timeout=30, env=env)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env=env)
         log, _ = workflow.communicate(timeout=900)
     finally:
         if workflow.poll() is None:
             workflow.kill()
     assert workflow.returncode == 0, log[-4000:]
-    assert log.count("has been submitted with SLURM jobid") == 2, log[-4000:]  # train (evaluating), its retry
-    assert "resuming from" in (run / "train.log").read_text()
+    # Training (with its evaluation) went to SLURM as jobs: two seeds and seed 0's retry; nothing
+    # asked for a GPU (the study has none).
+    assert log.count("has been submitted with SLURM jobid") == 3, log[-4000:]
+    assert "rule_train" in log
+    summary = pd.read_csv(tmp_path / "results" / "tiny" / "summary.csv")
+    assert list(summary["n_seeds"]) == [2] and summary["test_error_mean"].between(0, 100).all()
+    for seed in (0, 1):
+        assert (runs / f"seed{seed}" / "evaluation.json").is_file() and (runs / f"seed{seed}" / "result.json").is_file()
+    assert "resuming from" in (preempted / "train.log").read_text()
+    assert "resuming from" not in (runs / "seed1" / "train.log").read_text()
     # The same training, uninterrupted, straight through the CLI with the job's own command line.
     line = next(l for l in log.splitlines() if "feedback_alignment train " in l and "--seed 0 " in l)
     flags = line.split("feedback_alignment train ", 1)[1].split(" --out ")[0].split()
     reference = tmp_path / "reference"
-    straight = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", *flags, "--out", str(reference)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # the job's paths are relative to the workflow's directory
+    status, stderr = cli("train", *flags, "--out", str(reference))
+    assert status == 0, stderr[-2000:]
     compared = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr"]
-    resumed, uninterrupted = (pd.read_csv(d / "history.csv")[compared] for d in (run, reference))
+    resumed, uninterrupted = (pd.read_csv(d / "history.csv")[compared] for d in (preempted, reference))
     pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)

@@ -63,7 +63,7 @@ def test_one_pair_has_a_difference_but_no_interval():
     assert row.n_pairs == 1 and row.diff_mean == 2.0 and math.isnan(row.ci_low) and math.isnan(row.p_value)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_a_tuned_study_selects_then_reuses_matching_tuning_runs_and_resumes(tmp_path):
     from test_workflow import write_config
 

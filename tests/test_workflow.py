@@ -3,15 +3,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, snakemake
+from conftest import REPO, TINY, cli, snakemake
 from feedback_alignment import data
 from feedback_alignment.evaluate import evaluate_run
 from test_sources import image_folder, serve_mnist
@@ -29,7 +27,7 @@ def write_config(workdir, config, name="config.yaml"):
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_tiny_study_end_to_end(tmp_path):
     write_config(tmp_path, TINY)
     snakemake(tmp_path, "--cores", "2")
@@ -96,7 +94,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (results / "figures" / "final_error.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_an_image_folder_study_runs_end_to_end(tmp_path):
     # A researcher's own folder under a free name, resized for LeNet, two rules, through Snakemake.
     root = image_folder(tmp_path / "my pets", per_class=(24, 6))  # a space in the path: quoted
@@ -116,6 +114,7 @@ def test_an_image_folder_study_runs_end_to_end(tmp_path):
     assert evaluation["status"] == "completed" and 0 <= evaluation["test_error_top1"] <= 100
 
 
+@pytest.mark.slow(seconds=10)
 def test_the_prepare_step_fetches_a_torchvision_kind_from_a_mirror_with_its_checksums(tmp_path, loopback_server):
     # The config's mirror and {file: md5} reach the prepare CLI through Snakemake's shell intact.
     served, base = loopback_server
@@ -131,6 +130,7 @@ def test_the_prepare_step_fetches_a_torchvision_kind_from_a_mirror_with_its_chec
     assert "Traceback" not in log
 
 
+@pytest.mark.slow(seconds=11)
 def test_the_shipped_mnist_and_cifar100_studies_plan(tmp_path):
     for name, prepares in (("mnist.yaml", ["--name mnist --kind mnist", "--name fashion_mnist --kind fashion_mnist"]),
                            ("cifar100.yaml", ["--name cifar100 --kind cifar100"])):
@@ -139,6 +139,7 @@ def test_the_shipped_mnist_and_cifar100_studies_plan(tmp_path):
         assert "--image-size 32" in out or name == "cifar100.yaml"
 
 
+@pytest.mark.slow
 def test_a_config_that_cannot_run_stops_snakemake_with_one_line_naming_the_key(tmp_path):
     # Every check is tested in-process (tests/test_study.py); this is the path through Snakemake.
     config = json.loads(json.dumps(TINY))
@@ -150,12 +151,14 @@ def test_a_config_that_cannot_run_stops_snakemake_with_one_line_naming_the_key(t
     assert "Traceback" not in process.stdout + process.stderr
 
 
+@pytest.mark.slow
 def test_the_workflow_passes_snakemakes_lint(tmp_path):
     write_config(tmp_path, TINY)
     process = snakemake(tmp_path, "--lint", check=False)
     assert process.returncode == 0 and "Lints for" not in process.stdout + process.stderr, process.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_imagenet_config_plans_given_a_folder(tmp_path):
     imagenet = tmp_path / "imagenet"
     for split in ("train", "val"):
@@ -175,6 +178,7 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
     assert "gpu=8" in process.stdout
 
 
+@pytest.mark.slow(seconds=18)
 def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path):
     # On this CPU machine the two processes use gloo: the same launch path as on a GPU node.
     config = dict(TINY, resources={"gpus": 2, "threads": 2, "device": "cpu"},
@@ -187,6 +191,7 @@ def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path):
     assert result["placement"]["world_size"] == 2 and result["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_slurm_profile_plans_the_grid(tmp_path):
     # A plan only (tests/test_slurm.py submits to a real SLURM).
     process = snakemake(tmp_path, "-n", "--workflow-profile", str(REPO / "profiles" / "slurm"),
@@ -200,9 +205,14 @@ def test_slurm_profile_plans_the_grid(tmp_path):
     assert "nodes=1" in out
 
 
+@pytest.mark.slow
 def test_gpu_jobs_train_on_cuda(tmp_path):
     config = yaml.safe_load((REPO / "config" / "cifar10.yaml").read_text())
     config["resources"]["gpu_model"] = "h100"
+    # Its first block of the grid, one seed, tuned: what a job is given does not depend on the grid's
+    # size (test_slurm_profile_plans_the_grid plans the whole study), and Snakemake takes seconds
+    # to plan its 595 jobs.
+    config.update(grid=config["grid"][:1], seeds=[0])
     path = write_config(tmp_path, config, "gpus.yaml")
     out = snakemake(tmp_path, "-n", "-p", "--configfile", str(path)).stdout
     trains = [line for line in out.splitlines() if "feedback_alignment train " in line]
@@ -221,12 +231,11 @@ def test_a_run_given_a_gpu_stops_where_cuda_is_not_usable(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is usable here")
     data.prepare_digits(tmp_path / "digits.pt")
-    process = subprocess.run([sys.executable, "-m", "feedback_alignment", "train", "--dataset", "digits",
-                              "--data", str(tmp_path / "digits.pt"), "--out", str(tmp_path / "run"),
-                              "--arch", "convnet", "--rule", "fa", "--device", "cuda", "--epochs", "1"],
-                             capture_output=True, text=True, timeout=300)
-    assert process.returncode == 1
-    assert process.stderr.strip().splitlines() == [
+    status, stderr = cli("train", "--dataset", "digits", "--data", str(tmp_path / "digits.pt"),
+                         "--out", str(tmp_path / "run"), "--arch", "convnet", "--rule", "fa", "--device", "cuda",
+                         "--epochs", "1")
+    assert status == 1
+    assert stderr.strip().splitlines() == [
         "train: --device cuda: CUDA is not usable in this process (torch.cuda.is_available() is False: no GPU "
         "visible to it, or a CPU-only torch build); a job given GPUs stops rather than train on the CPU"]
     assert not (tmp_path / "run").exists()
