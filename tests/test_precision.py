@@ -68,6 +68,31 @@ def test_torch_compile_gives_the_eager_gradients(rule, backend):
         torch.testing.assert_close(b.feedback_weight, a.feedback_weight, rtol=1e-6, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("rule", ["brsf", "usf"])
+def test_a_compiled_model_first_called_under_no_grad_refreshes_b_once_per_step(rule):
+    """torch.compile skips a frame in which it traces no operation, and from then on runs that code
+    eagerly: after a first call under no_grad (an evaluation, an alignment probe) the model's
+    refresh pre-hook runs outside the graph. B is still refreshed once per step, as in eager mode
+    (brsf drew twice: the hook, then each layer in the graph; found by running the train CLI with
+    compile in the test process)."""
+    torch._dynamo.reset()  # the skip is remembered per code object for the whole process
+    eager = _model(rule)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    images, labels = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        compiled(images), eager(images)
+    for _ in range(2):
+        for model, forward in ((eager, eager), (compiled_model, compiled)):
+            model.zero_grad()
+            F.cross_entropy(forward(images), labels).backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for (name, a), (_, b) in zip(fa.feedback_layers(eager), fa.feedback_layers(compiled_model)):
+            assert int(b.feedback_draws) == int(a.feedback_draws), name
+            torch.testing.assert_close(b.feedback_weight, a.feedback_weight, rtol=1e-6, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("rule", fa.RULES)
 def test_channels_last_gives_the_contiguous_gradients(rule):
     contiguous = _model(rule)

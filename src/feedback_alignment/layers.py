@@ -237,6 +237,11 @@ class FeedbackLayer:
                 not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()):
             return
         ahead, self._refreshed_ahead = self._refreshed_ahead, False
+        if ahead and torch.compiler.is_compiling():
+            # The model's pre-hook ran outside the graph just now: once torch.compile has found a
+            # call of it with nothing to trace (the first call under no_grad), it runs the hook
+            # eagerly. Refreshing again here would draw brsf's B twice per step.
+            return
         if (ahead or in_backward()) and _same_versions(self._fresh_for, self._weight_versions(weight)):
             return  # the model's pre-hook did it for this forward, or this forward is a recomputation
         self.refresh_feedback_(weight)
