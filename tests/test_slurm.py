@@ -82,7 +82,9 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
                "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", "config/config.yaml",
                # This SLURM keeps no accounts and no accounting (status from squeue).
                "--slurm-no-account", "--slurm-status-command", "squeue",
-               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4"]
+               "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4",
+               # Up to the summary: the figures are a local job like the summary, drawn in test_workflow's studies.
+               "results/tiny/summary.csv"]
     runs = tmp_path / "results/tiny/runs/digits/net/usf-matched"
     preempted = runs / "seed0"
     workflow = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
