@@ -23,13 +23,6 @@ import feedback_alignment.__main__
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_xdist_auto_num_workers(config):
-    """-n auto: a worker per core and one more. The SLURM test spends most of its minute and a half
-    waiting for the scheduler's status checks, and the Snakemake tests wait on their jobs' process
-    starts; the extra worker's tests use the cores meanwhile."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_configure(config):
     """Under pytest-xdist, each worker gets its share of the cores, and so do the processes its
     tests start (OMP_NUM_THREADS): workers that each ran on every core would oversubscribe them."""

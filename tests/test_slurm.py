@@ -70,11 +70,12 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
     run's metrics; the other runs through, and the study ends with its summary. (One Snakemake run
     for both: each SLURM round trip waits on the plugin's status checks.)"""
     training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
-    # 8 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists, finds the
-    # job training (the alignment probe every 10 steps, not 2: it was most of the step's time). No
-    # longer: the plugin checks the jobs' status 1, 12, 33 and 64 s after submitting them, and a job
-    # that ends after 33 s waits for the check at 64.
-    study = dict(STUDY, training=dict(training, epochs=8, alignment_every=10))
+    # 6 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists (looked
+    # for every 0.05 s), finds the job training (the alignment probe every 10 steps, not 2: it was
+    # most of the step's time). No longer: the plugin checks the jobs' status 1, 12, 33 and 64 s
+    # after submitting them (a job here takes about 13 s, most of it Snakemake's and Python's
+    # starts), and one that ends after 33 s waits for the check at 64.
+    study = dict(STUDY, training=dict(training, epochs=6, alignment_every=10))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
     env = {**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")}
@@ -93,7 +94,7 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
         deadline = time.time() + 300
         while not (preempted / "checkpoint.pt").exists():  # the first epoch is done: the job is training
             assert workflow.poll() is None and time.time() < deadline, "the training job never checkpointed"
-            time.sleep(0.2)
+            time.sleep(0.05)
         jobs = _running_jobs(env)
         job = jobs.get("rule_train_wildcards_digits_net_usf_matched_0")
         assert job is not None, jobs
