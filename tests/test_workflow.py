@@ -104,7 +104,7 @@ def test_an_image_folder_study_runs_end_to_end(tmp_path):
                   archs={"lenet": {"arch": "lenet_mnist", "batch_norm": False}},
                   grid=[{"datasets": ["pets"], "archs": ["lenet"], "rules": ["bp", "usf"], "variants": ["raw"]}])
     write_config(tmp_path, config)
-    snakemake(tmp_path, "--cores", "2")
+    snakemake(tmp_path, "--cores", "2", "results/pets/summary.csv")  # (figures: test_tiny_study_end_to_end)
     cache = torch.load(tmp_path / "resources" / "data" / "pets.pt", weights_only=True)
     assert cache["kind"] == "imagefolder" and cache["train_images"].shape == (44, 1, 32, 32)
     summary = pd.read_csv(tmp_path / "results" / "pets" / "summary.csv")
