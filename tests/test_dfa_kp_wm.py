@@ -46,6 +46,50 @@ def test_dfa_weight_gradients_are_the_projected_output_error_gated_by_the_nonlin
     assert model[0].feedback_direction.numel() == 0  # the input needs no gradient: no B drawn
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear-over-a-sequence", "conv2d"])
+def test_dfas_backward_gives_the_true_weight_and_bias_gradients_and_sends_e_at_b(conv, bias):
+    """DirectFeedbackFunction alone, for an input of rank 3 or 4 (a linear layer applied to every
+    position of a sequence; a padded, strided conv): weight and bias gradients are torch's own for
+    the arriving grad_output, and the input gradient is the output error times B, shaped like the
+    input; a layer without bias gets none."""
+    from feedback_alignment.direct import DirectFeedbackFunction, OutputError
+    from feedback_alignment.functions import ConvArgs
+
+    torch.manual_seed(0)
+    if conv:
+        x, weight = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3)
+        args = ConvArgs((2, 1), (1, 0), (1, 1), False, (0, 0), 1)
+        reference = lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 0))
+    else:
+        x, weight, args = torch.randn(2, 7, 5), torch.randn(4, 5), None
+        reference = F.linear
+    b = torch.randn(4) if bias else None
+    error = OutputError()
+    error.store(torch.randn(2, 3))  # the model's output error: 2 images, 3 classes
+    feedback = torch.randn(3, x[0].numel())
+    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    out = DirectFeedbackFunction.apply(leaves[0], leaves[1], leaves[2] if bias else None, feedback, error, "l",
+                                       args, None)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    plain = [t.clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    expected_out = reference(plain[0], plain[1], plain[2] if bias else None)
+    torch.testing.assert_close(out, expected_out)
+    expected_out.backward(grad_output)
+    torch.testing.assert_close(leaves[1].grad, plain[1].grad)
+    if bias:
+        torch.testing.assert_close(leaves[2].grad, plain[2].grad)
+    torch.testing.assert_close(leaves[0].grad, (error.value @ feedback).view(x.shape))
+    assert not torch.allclose(leaves[0].grad, plain[0].grad)
+    # A backward that did not start at the model's output leaves the error empty: named, not guessed.
+    out = DirectFeedbackFunction.apply(x.clone().requires_grad_(), weight, b, feedback, OutputError(), "block.conv",
+                                       args, None)
+    with pytest.raises(RuntimeError, match="dfa layer 'block.conv' has no output error to project: the loss "
+                                           r"must be computed from the model's output \(the class scores\)"):
+        out.sum().backward()
+
+
 def test_dfa_conv_feedback_is_full_spatial():
     torch.manual_seed(0)
     model = fa.convert(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)),

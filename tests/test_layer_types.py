@@ -278,11 +278,14 @@ def test_a_small_vision_transformer_trains_through_feedback():
 
 # -- dfa ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ending", [nn.LogSoftmax(dim=1), nn.Softmax(dim=1)], ids=["log-softmax", "softmax"])
-def test_dfa_refuses_a_model_whose_output_is_not_its_classifiers(ending):
+@pytest.mark.parametrize("ending, made_by", [(nn.LogSoftmax(dim=1), "LogSoftmaxBackward0"),
+                                             (nn.Softmax(dim=1), "SoftmaxBackward0")], ids=["log-softmax", "softmax"])
+def test_dfa_refuses_a_model_whose_output_is_not_its_classifiers(ending, made_by):
     torch.manual_seed(0)
     model = fa.convert(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), ending), rule="dfa")
-    with pytest.raises(ValueError, match="dfa needs the model to return its last layer's output .*return the logits"):
+    with pytest.raises(ValueError, match=f"dfa needs the model to return its last layer's output \\(the logits\\), "
+                                         f"but this model's output is made by {made_by}: return the logits and apply "
+                                         "softmax or log-softmax in the loss"):
         model(torch.randn(2, 4))
     with torch.no_grad():  # nothing to send back: inference is fine
         model(torch.randn(2, 4))
