@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import yaml
 
-
 from conftest import REPO, cli
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
@@ -62,7 +61,7 @@ def _running_jobs(env) -> dict[str, str]:
     return dict(line.split() for line in out.stdout.splitlines())
 
 
-@pytest.mark.slow(seconds=95)
+@pytest.mark.slow(seconds=80)
 def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slurm, tmp_path, monkeypatch):
     """Two seeds' training jobs go to SLURM; one gets SIGUSR1, as the profile's time-limit warning
     sends it (a preemption's SIGTERM was checked the same way): that run checkpoints and fails,
