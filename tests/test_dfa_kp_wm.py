@@ -47,20 +47,25 @@ def test_dfa_weight_gradients_are_the_projected_output_error_gated_by_the_nonlin
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("conv", [False, True], ids=["linear-over-a-sequence", "conv2d"])
+@pytest.mark.parametrize("conv", [None, "conv2d", "conv-transpose2d"],
+                         ids=["linear-over-a-sequence", "conv2d", "conv-transpose2d"])
 def test_dfas_backward_gives_the_true_weight_and_bias_gradients_and_sends_e_at_b(conv, bias):
     """DirectFeedbackFunction alone, for an input of rank 3 or 4 (a linear layer applied to every
-    position of a sequence; a padded, strided conv): weight and bias gradients are torch's own for
-    the arriving grad_output, and the input gradient is the output error times B, shaped like the
-    input; a layer without bias gets none."""
+    position of a sequence; a padded, strided conv and transposed conv): weight and bias gradients
+    are torch's own for the arriving grad_output, and the input gradient is the output error times
+    B, shaped like the input; a layer without bias gets none."""
     from feedback_alignment.direct import DirectFeedbackFunction, OutputError
     from feedback_alignment.functions import ConvArgs
 
     torch.manual_seed(0)
-    if conv:
+    if conv == "conv2d":
         x, weight = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3)
         args = ConvArgs((2, 1), (1, 0), (1, 1), False, (0, 0), 1)
         reference = lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 0))
+    elif conv == "conv-transpose2d":
+        x, weight = torch.randn(2, 3, 6, 5), torch.randn(3, 4, 3, 3)  # in x out x kernel
+        args = ConvArgs((2, 1), (1, 0), (1, 1), True, (1, 0), 1)
+        reference = lambda x, w, b: F.conv_transpose2d(x, w, b, stride=(2, 1), padding=(1, 0), output_padding=(1, 0))
     else:
         x, weight, args = torch.randn(2, 7, 5), torch.randn(4, 5), None
         reference = F.linear

@@ -291,6 +291,21 @@ def test_dfa_refuses_a_model_whose_output_is_not_its_classifiers(ending, made_by
         model(torch.randn(2, 4))
 
 
+def test_dfa_refuses_a_model_that_returns_no_computed_output():
+    class ReturnsItsInput(nn.Module):  # the classifier runs, but the output is the input itself
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.classifier(x)
+            return x
+
+    model = fa.convert(ReturnsItsInput(), rule="dfa")
+    with pytest.raises(ValueError, match="this model's output is made by no operation: return the logits"):
+        model(torch.randn(2, 3, requires_grad=True))
+
+
 def test_dfa_feedback_is_sized_for_the_layers_own_input_whatever_the_padding():
     torch.manual_seed(0)
     model = fa.convert(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
