@@ -168,3 +168,31 @@ def test_fas_signal_and_update_angles_are_those_of_the_hand_computed_signals_thr
     # own update is backprop's (its output error is exact).
     assert frame.loc["conv1"].angle_signal > 10 and frame.loc["conv2"].angle_signal > 10
     assert frame.loc["fc"].angle_update == pytest.approx(0, abs=1e-6)
+
+
+class _RecordsMode(nn.Module):
+    """Registers its layers in the reverse of the order its forward uses them, and records the
+    mode (train or eval) of each forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.Linear(6, 3)
+        self.early = nn.Linear(4, 6)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.late(self.early(x).relu())
+
+
+@pytest.mark.parametrize("train_mode", [None, True, False], ids=["default", "train", "eval"])
+def test_measure_rows_follow_the_forward_and_name_the_rule_in_the_mode_asked_for(train_mode):
+    torch.manual_seed(0)
+    model = fa.convert(_RecordsMode(), rule="usf", scale="match", seed=0).eval()
+    inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    frame = (fa.alignment.measure(model, inputs, targets) if train_mode is None
+             else fa.alignment.measure(model, inputs, targets, train_mode=train_mode))
+    assert list(frame.layer) == ["early", "late"]  # forward order, not registration order
+    assert list(frame.rule) == ["usf", "usf"]
+    assert model.modes == [train_mode is not False] * 2  # both passes; the default is train mode
+    assert not model.training  # and the model's own mode comes back
