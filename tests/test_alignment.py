@@ -1,5 +1,6 @@
 """fa.alignment.measure against hand-checkable cases: bp, the output layer, fa's alignment."""
 import copy
+import math
 
 import pytest
 import torch
@@ -106,8 +107,23 @@ def test_measure_leaves_the_model_untouched():
 
 
 def test_measure_needs_a_converted_model():
-    with pytest.raises(ValueError, match="needs a converted model"):
+    with pytest.raises(ValueError, match=r"^measure needs a converted model \(fa.convert\); this one has no "
+                                         "feedback layers$"):
         fa.alignment.measure(mlp(), *toy_batch())
+
+
+def test_angle_degrees_by_hand():
+    from feedback_alignment.alignment import angle_degrees
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert angle_degrees(e1, e2) == 90.0  # unit vectors: a norm product of exactly 1
+    assert angle_degrees(e1, torch.tensor([1.0, 1.0])) == pytest.approx(45.0)
+    assert math.isnan(angle_degrees(torch.zeros(3), torch.ones(3)))
+    # Antiparallel vectors whose cosine rounds below -1 in double precision: still 180, not a
+    # math domain error.
+    x = torch.tensor([0.1, 0.1, 0.3], dtype=torch.float64)
+    cosine = float(x @ (-3 * x) / (x.norm() * (-3 * x).norm()))
+    assert cosine < -1.0
+    assert angle_degrees(x, -3 * x) == 180.0
 
 
 class ResidualNet(nn.Module):

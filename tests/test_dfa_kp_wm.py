@@ -172,8 +172,28 @@ def test_dfa_in_the_alignment_analysis():
     frame = measure(model, torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     assert list(frame.layer) == ["0", "2", "4"]
     assert math.isnan(frame.angle_feedback_weight[1])  # 3 x 5 B beside a 4 x 5 W: no angle
+    assert math.isnan(frame.norm_ratio[1])  # nor a norm ratio
     assert frame.angle_update[2] == pytest.approx(0, abs=1e-5)  # the classifier's update is exact
     assert 0 < frame.angle_update[1] < 180
+
+
+def test_after_measure_dfa_still_refuses_an_output_that_is_not_the_logits():
+    """measure's backprop pass lets the dfa model's output through unchecked; afterwards the check
+    is back."""
+    class Switchable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.log_probabilities = mlp(), False
+
+        def forward(self, x):
+            logits = self.net(x)
+            return logits.log_softmax(1) if self.log_probabilities else logits
+
+    model = fa.convert(Switchable(), rule="dfa", seed=0)
+    measure(model, torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    model.log_probabilities = True
+    with pytest.raises(ValueError, match="made by LogSoftmaxBackward0"):
+        model(torch.randn(4, 6))
 
 
 # -- kp -----------------------------------------------------------------------------------
