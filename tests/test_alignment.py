@@ -212,3 +212,16 @@ def test_measure_rows_follow_the_forward_and_name_the_rule_in_the_mode_asked_for
     assert list(frame.rule) == ["usf", "usf"]
     assert model.modes == [train_mode is not False] * 2  # both passes; the default is train mode
     assert not model.training  # and the model's own mode comes back
+
+
+def test_after_measure_brsf_draws_a_fresh_b_every_step_again():
+    """measure freezes B for its two passes; training afterwards redraws it as before."""
+    torch.manual_seed(0)
+    model = fa.convert(mlp(), rule="brsf", scale="match", seed=0)
+    inputs, targets = toy_batch(8)
+    fa.alignment.measure(model, inputs, targets)
+    layer = model[2]
+    draws, feedback = int(layer.feedback_draws), layer.feedback_weight.clone()
+    F.cross_entropy(model(inputs), targets).backward()
+    assert int(layer.feedback_draws) == draws + 1
+    assert not torch.equal(layer.feedback_weight, feedback)
