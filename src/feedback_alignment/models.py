@@ -153,7 +153,7 @@ CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56
 class ShapesOnly(torch.overrides.TorchFunctionMode):
     """Builds models for their modules and shapes only (a study's config check): on the meta
     device, with torch.nn.init's random fills skipped. On meta tensors those fills are Python
-    decompositions whose first use imports torch's compiler stack, about 2 s of every Snakemake
+    decompositions whose first use imports torch's compiler stack, 1.5 s of every Snakemake
     start; the values of meta tensors mean nothing anyway."""
 
     RANDOM_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.erfinv_,
