@@ -160,15 +160,20 @@ def cli(command: str, *argv: str) -> tuple[int, str]:
     return status, stderr.getvalue()
 
 
+def cli_ok(command: str, *argv: str) -> str:
+    """`cli`, for a command that must succeed: its stderr (the failure's end if it does not)."""
+    status, stderr = cli(command, *argv)
+    assert status == 0, stderr[-3000:]
+    return stderr
+
+
 def train_digits(tmp_path: Path, *flags: str) -> dict:
     """Prepare the digits data, run the train command with `flags` (in this process), return its
     result.json."""
     from feedback_alignment import data
     data.prepare_digits(tmp_path / "digits.pt")
     out = tmp_path / "run"
-    status, stderr = cli("train", "--dataset", "digits", "--data", str(tmp_path / "digits.pt"), "--out", str(out),
-                         *flags)
-    assert status == 0, stderr[-3000:]
+    cli_ok("train", "--dataset", "digits", "--data", str(tmp_path / "digits.pt"), "--out", str(out), *flags)
     return json.loads((out / "result.json").read_text())
 
 

@@ -12,7 +12,7 @@ import torch
 
 from feedback_alignment import data
 from feedback_alignment.distributed import World, claim_gpu_slot
-from conftest import FEEDBACK_RULES, cli, computed_once, scale_for
+from conftest import FEEDBACK_RULES, cli_ok, computed_once, scale_for
 
 FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
          "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
@@ -65,8 +65,7 @@ def single_and_parallel(digits, tmp_path_factory):
 
 
 def train_both(digits, root):
-    status, stderr = cli("train", "--dataset", "digits", "--data", str(digits), "--out", str(root / "single"), *FLAGS)
-    assert status == 0, stderr[-3000:]
+    cli_ok("train", "--dataset", "digits", "--data", str(digits), "--out", str(root / "single"), *FLAGS)
     hook, logs = root / "hook", root / "write-logs"
     hook.mkdir(), logs.mkdir()
     (hook / "sitecustomize.py").write_text(WRITE_LOGGER)

@@ -14,7 +14,7 @@ import torch
 import scipy.io
 from PIL import Image
 
-from conftest import cli, computed_once
+from conftest import cli_ok, computed_once
 from feedback_alignment import data, folders
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -45,9 +45,8 @@ def class_folders(root, train=12, val=5):
 def manifest(tmp_path_factory):
     def prepare(folder):
         class_folders(folder)
-        status, stderr = cli("prepare", "--name", "imagenet", "--path", str(folder), "--val-size", "4",
-                             "--out", str(folder / "imagenet.json"))
-        assert status == 0, stderr
+        cli_ok("prepare", "--name", "imagenet", "--path", str(folder), "--val-size", "4",
+               "--out", str(folder / "imagenet.json"))
     return computed_once(tmp_path_factory, "imagenet", prepare) / "imagenet.json"
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import cli, computed_once
+from conftest import cli, cli_ok, computed_once
 from feedback_alignment import data, figures, summarize
 
 RUN_FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--rule", "brsf", "--scale", "match",
@@ -31,13 +31,6 @@ def train_flags(digits, out, *extra):
 
 def train_command(digits, out, *extra):
     return [sys.executable, "-m", "feedback_alignment", "train", *train_flags(digits, out, *extra)]
-
-
-def finish(command: str, *argv: str) -> str:
-    """A command run to its end in this process (the interrupted runs are processes); its stderr."""
-    status, stderr = cli(command, *argv)
-    assert status == 0, stderr[-2000:]
-    return stderr
 
 
 def interrupt_after_first_epoch(command, out, signum, extra_wait=0.0):
@@ -66,7 +59,7 @@ def assert_same_run(resumed, straight):
 
 @pytest.fixture(scope="module")
 def straight_run(digits, tmp_path_factory):
-    return computed_once(tmp_path_factory, "straight-run", lambda out: finish("train", *train_flags(digits, out)))
+    return computed_once(tmp_path_factory, "straight-run", lambda out: cli_ok("train", *train_flags(digits, out)))
 
 
 @pytest.mark.slow
@@ -75,7 +68,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(digits, straight_run,
     returncode, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGKILL, 0.05)
     assert returncode == -signal.SIGKILL
     assert not (out / "result.json").exists()
-    assert "resuming from" in finish("train", *train_flags(digits, out))
+    assert "resuming from" in cli_ok("train", *train_flags(digits, out))
     assert_same_run(out, straight_run)
     assert not list(out.glob(".*.tmp"))
 
@@ -90,14 +83,14 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_resumes_exactly(signum, digits,
     assert "Traceback" not in stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["batches"] is not None and state["batches"]["next"] > 0  # mid-epoch
-    finish("train", *train_flags(digits, out))
+    cli_ok("train", *train_flags(digits, out))
     assert_same_run(out, straight_run)
 
 
 @pytest.mark.slow
 def test_checkpoint_of_another_config_is_refused(digits, tmp_path):
     out = tmp_path / "run"
-    finish("train", *train_flags(digits, out, "--epochs", "1"))
+    cli_ok("train", *train_flags(digits, out, "--epochs", "1"))
     before = (out / "checkpoint.pt").read_bytes()
     status, stderr = cli("train", *train_flags(digits, out, "--epochs", "1", "--lr", "0.01"))
     assert status == 1
@@ -113,14 +106,14 @@ def test_divergence_is_a_result_through_summary_and_figures(digits, tmp_path):
     base = ["--arch", "convnet", "--depth", "6", "--width", "16", "--no-batch-norm", "--epochs", "3",
             "--threads", "1", "--device", "cpu", "--lr", "0.5", "--batch-size", "32"]
     command = ["train", "--dataset", "digits", "--data", str(digits)]
-    finish(*command, *base, "--rule", "usf", "--scale", "none", "--variant", "raw", "--out", str(diverging))
-    finish(*command, *base[:-4], "--lr", "0.01", "--batch-size", "32", "--rule", "bp", "--out", str(fine),
+    cli_ok(*command, *base, "--rule", "usf", "--scale", "none", "--variant", "raw", "--out", str(diverging))
+    cli_ok(*command, *base[:-4], "--lr", "0.01", "--batch-size", "32", "--rule", "bp", "--out", str(fine),
            "--epochs", "1")
     result = json.loads((diverging / "result.json").read_text())
     assert result["status"] == "diverged" and result["diverged_at_epoch"] == 1
     assert result["diverged_at_step"] >= 1 and result["best_epoch"] is None
     for run in (diverging, fine):
-        finish("evaluate", "--run", str(run))
+        cli_ok("evaluate", "--run", str(run))
     evaluation = json.loads((diverging / "evaluation.json").read_text())
     assert evaluation["status"] == "diverged" and evaluation["test_error_top1"] is None
     summarize.main(["--runs", str(runs), "--out", str(tmp_path)])
@@ -211,10 +204,10 @@ def test_learned_and_direct_feedback_resume_exactly(rule, options, digits, tmp_p
     # position; ia's gamma turns on in the second of three epochs, after the resume.
     flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2", *options)
     straight, out = tmp_path / "straight", tmp_path / "run"
-    finish("train", *train_flags(digits, straight, *flags))
+    cli_ok("train", *train_flags(digits, straight, *flags))
     returncode, stderr = interrupt_after_first_epoch(train_command(digits, out, *flags), out, signal.SIGTERM, 0.05)
     assert returncode == 1, stderr[-2000:]
-    finish("train", *train_flags(digits, out, *flags))
+    cli_ok("train", *train_flags(digits, out, *flags))
     assert_same_run(out, straight)
 
 

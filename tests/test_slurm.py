@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, cli
+from conftest import REPO, cli_ok
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 
@@ -119,8 +119,7 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
     flags = line.split("feedback_alignment train ", 1)[1].split(" --out ")[0].split()
     reference = tmp_path / "reference"
     monkeypatch.chdir(tmp_path)  # the job's paths are relative to the workflow's directory
-    status, stderr = cli("train", *flags, "--out", str(reference))
-    assert status == 0, stderr[-2000:]
+    cli_ok("train", *flags, "--out", str(reference))
     compared = ["epoch", "train_loss", "train_error", "val_error", "test_error", "lr"]
     resumed, uninterrupted = (pd.read_csv(d / "history.csv")[compared] for d in (preempted, reference))
     pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
