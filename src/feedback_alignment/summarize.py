@@ -86,12 +86,15 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
                    test_error_std=top1.std(ddof=1) if len(top1) > 1 else float("nan"),
                    test_error_min=top1.min() if len(top1) else float("nan"),
                    test_error_max=top1.max() if len(top1) else float("nan"))
+        # Every group gets the same keys (NaN where it has no top-5 error: every seed diverged,
+        # or 10 classes or fewer), or pandas stacks the groups into one long series.
         top5 = group["test_error_top5"].dropna()
-        if len(top5):
-            out.update(test_error_top5_mean=top5.mean(),
-                       test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
+        out.update(test_error_top5_mean=top5.mean() if len(top5) else float("nan"),
+                   test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
         return pd.Series(out)
     summary = runs.groupby(KEYS, sort=False, dropna=False).apply(aggregate, include_groups=False).reset_index()
+    if summary["test_error_top5_mean"].isna().all():  # no run reports top-5: no such columns
+        summary = summary.drop(columns=["test_error_top5_mean", "test_error_top5_std"])
     # The dataset's kind and the model (what published numbers are matched on), the depth of a
     # convnet, and the point of the sweep tuning selected (e.g. lr=0.05; empty untuned).
     labels = runs.groupby(KEYS, sort=False)[["kind", "model", "depth", "selected"]].first().reset_index()
