@@ -12,7 +12,7 @@ import torch
 
 from feedback_alignment import data
 from feedback_alignment.distributed import World, claim_gpu_slot
-from conftest import FEEDBACK_RULES, cli_ok, computed_once, scale_for
+from conftest import FEEDBACK_RULES, cli, cli_ok, computed_once, scale_for
 
 FLAGS = ["--arch", "convnet", "--depth", "3", "--width", "8", "--no-batch-norm", "--rule", "brsf",
          "--scale", "match", "--epochs", "2", "--batch-size", "32", "--max-batches", "8", "--lr", "0.05",
@@ -156,13 +156,85 @@ def test_feedback_weights_are_identical_on_every_rank(rule, feedback_on_each_ran
         assert torch.equal(zero[name], one[name]), name
 
 
-@pytest.mark.slow
-def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path):
-    process = subprocess.run([*TORCHRUN, "-m", "feedback_alignment", "train", "--dataset", "digits",
-                              "--data", str(digits), "--out", str(tmp_path / "run"), *FLAGS,
-                              "--batch-size", "33"], capture_output=True, text=True, timeout=300)
-    assert process.returncode != 0
-    assert "--batch-size 33 does not divide among 2 processes" in process.stderr
+def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path, monkeypatch):
+    # As torchrun starts rank 0 of 2: refused before it joins a group (so in this process).
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    status, stderr = cli("train", "--dataset", "digits", "--data", str(digits), "--out", str(tmp_path / "run"),
+                         *FLAGS, "--batch-size", "33")
+    assert (status, stderr.strip()) == (1, "train: --batch-size 33 does not divide among 2 processes")
+    assert not (tmp_path / "run").exists()
+
+
+# The other rank of a two-process group: plain torch, so that what is checked is this process's
+# side (distributed.py); it prints what its collectives returned.
+PEER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=1, world_size=2)
+    summed = torch.tensor([10.0, 2.0, 0.0], dtype=torch.float64)
+    dist.all_reduce(summed)
+    flags = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    dist.all_reduce(flags)
+    dist.barrier()
+    print(summed.tolist(), flags.tolist(), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(monkeypatch):
+    """init_world reads torchrun's environment (rank 0 of 2, on the CPU: gloo), then sum, any and
+    barrier meet the other rank's collectives; close_world leaves the group."""
+    import socket
+
+    import torch.distributed as dist
+    from feedback_alignment.distributed import close_world, init_world
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        world, device = init_world("auto", 32)
+        try:
+            assert (world, device) == (World(rank=0, size=2, local_rank=0), "cpu")
+            assert world.distributed and world.is_main and dist.get_backend() == "gloo"
+            # 2**53 + 2 is exact in float64 only (float32 makes it 2**53): counts must stay exact.
+            assert world.sum([1.0, 2.0 ** 53, 5.0], torch.device("cpu")) == [11.0, 2.0 ** 53 + 2, 5.0]
+            assert world.any([False, False, False], torch.device("cpu")) == [False, False, True]
+            world.barrier()
+        finally:
+            close_world(world)
+        assert not dist.is_initialized()
+        out, err = peer.communicate(timeout=60)
+    finally:
+        peer.kill()
+    assert peer.returncode == 0, err[-2000:]
+    assert out.split("] [") == ["[11.0, 9007199254740994.0, 5.0", "0.0, 0.0, 1.0]\n"]
+
+
+def test_one_process_is_a_world_of_one_that_asks_nothing_of_torch_distributed(monkeypatch):
+    from feedback_alignment.distributed import check_device_usable, close_world, init_world
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world, device = init_world("cuda:7", 33)  # neither the batch nor the device is checked here
+    assert (world, device) == (World(), "cuda:7")
+    assert (world.rank, world.size, world.local_rank, world.distributed, world.is_main) == (0, 1, 0, False, True)
+    assert world.share(33) == slice(0, 33)
+    assert world.sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert world.any([True, False], torch.device("cpu")) == [True, False]
+    world.barrier(), close_world(world)  # no group: nothing to meet, nothing to leave
+    assert World(1, 2).share(32) == slice(16, 32) and not World(1, 2).is_main
+    check_device_usable("cpu"), check_device_usable("auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError) as error:
+            check_device_usable("cuda:0")
+        assert str(error.value) == (
+            "--device cuda:0: CUDA is not usable in this process (torch.cuda.is_available() is False: no GPU "
+            "visible to it, or a CPU-only torch build); a job given GPUs stops rather than train on the CPU")
 
 
 def test_world_shares_split_a_batch_without_overlap():
