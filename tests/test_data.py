@@ -114,3 +114,63 @@ def test_random_crops_reach_every_offset_and_flips_are_horizontal_half_the_time(
     mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
     kept = (flipped == images).flatten(1).all(1)
     assert bool((mirrored | kept).all()) and abs(mirrored.float().mean().item() - 0.5) < 0.04
+
+
+def test_the_digits_splits_are_drawn_as_documented_and_the_record_says_what_it_holds(tmp_path):
+    """Test images: the first 360 of a permutation drawn with the split seed; validation: the first
+    180 of the rest's permutation drawn with the seed + 1 (so that the two draws are independent);
+    train: the rest, in that order. Mean and std: of the training split only, in [0, 1]."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data.prepare_digits(tmp_path / "d.pt", val_size=100, test_size=200, split_seed=7, name="my-digits")
+    record = torch.load(tmp_path / "d.pt", weights_only=True)
+    digits = load_digits()
+    images = torch.from_numpy((digits.images * 255 / 16).round()).to(torch.uint8)[:, None]
+    labels = torch.from_numpy(digits.target).long()
+    order = np.random.RandomState(7).permutation(1797)
+    test, rest = order[:200], order[200:]
+    rest_order = np.random.RandomState(8).permutation(len(rest))
+    val, train = rest[rest_order[:100]], rest[rest_order[100:]]
+    for split, index in (("train", train), ("val", val), ("test", test)):
+        assert torch.equal(record[f"{split}_images"], images[index]), split
+        assert torch.equal(record[f"{split}_labels"], labels[index]), split
+        assert record[f"{split}_images"].dtype == torch.uint8 and record[f"{split}_labels"].dtype == torch.int64
+    pixels = images[train].double() / 255
+    assert record["mean"] == pytest.approx([pixels.mean().item()], rel=1e-12)
+    assert record["std"] == pytest.approx([pixels.std(unbiased=False).item()], rel=1e-9)
+    assert {key: record[key] for key in ("name", "kind", "num_classes", "source")} == dict(
+        name="my-digits", kind="digits", num_classes=10, source="sklearn.datasets.load_digits")
+    loaded = data.load_tensor_data(tmp_path / "d.pt", torch.device("cpu"))
+    assert (loaded.name, loaded.kind, loaded.num_classes) == ("my-digits", "digits", 10)
+    assert loaded.mean.shape == loaded.std.shape == (1, 1, 1, 1) and loaded.mean.item() == pytest.approx(record["mean"][0])
+    assert loaded.std.item() == pytest.approx(record["std"][0])
+    # A cache from before kinds were recorded: its name is its kind.
+    del record["kind"]
+    torch.save(record, tmp_path / "old.pt")
+    assert data.load_tensor_data(tmp_path / "old.pt", torch.device("cpu")).kind == "my-digits"
+    with pytest.raises(data.DataError) as missing:
+        data.load_tensor_data(tmp_path / "none.pt", torch.device("cpu"))
+    assert str(missing.value) == f"prepared dataset {str(tmp_path / 'none.pt')!r} not found; run the download step first"
+
+
+def test_an_epoch_serves_full_batches_of_its_own_rows_up_to_max_batches():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    labels = torch.arange(10)
+    loaded = data.TensorData("t", "t", {"train": (images, labels)}, 10, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+
+    def labels_of(epoch):
+        return [batch_labels.tolist() for _, batch_labels in epoch]
+    whole = data.EpochBatches(loaded, 4, torch.Generator().manual_seed(0), crop=1, pad=0, flip=False)
+    served = labels_of(whole)
+    assert len(whole) == 2 and [len(b) for b in served] == [4, 4]  # 10 // 4: the ragged 2 are dropped
+    assert sorted(sum(served, [])) == sorted(whole.order[:8].tolist()) and len(set(sum(served, []))) == 8
+    assert served == [whole.order[:4].tolist(), whole.order[4:8].tolist()]  # in the epoch's order
+    capped = data.EpochBatches(loaded, 4, torch.Generator().manual_seed(0), crop=1, pad=0, flip=False, max_batches=1)
+    assert len(capped) == 1 and labels_of(capped) == served[:1]
+    assert len(data.EpochBatches(loaded, 4, torch.Generator(), 1, 0, False, max_batches=5)) == 2
+    # Two ranks of a data-parallel run: each its half of every global batch.
+    halves = [labels_of(data.EpochBatches(loaded, 4, torch.Generator().manual_seed(0), 1, 0, False,
+                                          share=share)) for share in (slice(0, 2), slice(2, 4))]
+    assert [a + b for a, b in zip(*halves)] == served
+    assert data.epoch_seed(3, 2) == 3 * 100003 + 2 and data.epoch_seed(0, 1) != data.epoch_seed(1, 0)
