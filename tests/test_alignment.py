@@ -225,3 +225,29 @@ def test_after_measure_brsf_draws_a_fresh_b_every_step_again():
     F.cross_entropy(model(inputs), targets).backward()
     assert int(layer.feedback_draws) == draws + 1
     assert not torch.equal(layer.feedback_weight, feedback)
+
+
+def test_measure_reports_the_b_the_model_holds_not_a_fresh_draw():
+    """brsf draws B anew before each training forward; measure's passes must use (and report) the B
+    the model holds, not draw one of their own."""
+    from feedback_alignment.alignment import angle_degrees
+
+    torch.manual_seed(0)
+    model = fa.convert(mlp(), rule="brsf", scale="match", seed=0)
+    inputs, targets = toy_batch(8)
+    F.cross_entropy(model(inputs), targets).backward()  # B as the last step drew it
+    held = {name: angle_degrees(layer.feedback_weight.flatten(), layer.weight.flatten())
+            for name, layer in fa.feedback_layers(model)}
+    # The same B as fixed feedback (fa, no scaling): the angles measure must find.
+    fixed = fa.convert(mlp(), rule="fa", scale="none", seed=0)
+    with torch.no_grad():
+        for (_, layer), (_, twin) in zip(fa.feedback_layers(model), fa.feedback_layers(fixed)):
+            twin.weight.copy_(layer.weight), twin.feedback_direction.copy_(layer.feedback_weight)
+            twin.feedback_gain.fill_(1.0)
+    rows = fa.alignment.measure(model, inputs, targets).set_index("layer")
+    expected = fa.alignment.measure(fixed, inputs, targets).set_index("layer")
+    for name, angle in held.items():
+        assert rows.loc[name, "angle_feedback_weight"] == pytest.approx(angle, abs=1e-4), name
+        for column in ("angle_feedback_weight", "angle_update", "angle_signal", "grad_norm", "grad_norm_bp"):
+            assert rows.loc[name, column] == pytest.approx(expected.loc[name, column], rel=1e-5, nan_ok=True), (
+                name, column)
