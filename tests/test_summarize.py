@@ -28,6 +28,7 @@ RUNS = [
     ("f/frsf-0", "digits", "convnet", None, 6, "frsf", "default", 0, "completed", 10.0, None, None),
     ("f/frsf-1", "digits", "convnet", None, 6, "frsf", "default", 1, "completed", 12.0, None, None),
     ("g/brsf-nobn-0", "digits", "convnet", None, 6, "brsf", "nobn", 0, "completed", 19.0, None, None),
+    ("g/dfa-0", "digits", "convnet", None, 6, "dfa", "default", 0, "diverged", None, None, None),  # all diverged
     ("h/c10-0", "c10", "lenet_cifar", "small", 6, "usf", "init", 0, "completed", 15.0, None, None),
     ("h/c10-1", "c10", "lenet_cifar", "small", 6, "usf", "init", 1, "completed", 17.0, None, None),
 ]
@@ -116,7 +117,7 @@ def test_summary_has_mean_spread_and_counts_per_group(results):
         ("digits", "convnet", "bp", "default"), ("digits", "convnet", "bp", "raw"),
         ("digits", "convnet", "usf", "default"), ("digits", "convnet", "usf", "raw"),
         ("digits", "convnet", "fa", "default"), ("digits", "convnet", "frsf", "default"),
-        ("digits", "convnet", "brsf", "nobn"), ("c10", "small", "usf", "init")]
+        ("digits", "convnet", "brsf", "nobn"), ("digits", "convnet", "dfa", "default"), ("c10", "small", "usf", "init")]
     nan = float("nan")
     # n_seeds, n_diverged, mean, std (ddof 1), min, max, top-5 mean, top-5 std, selected
     expected = {
@@ -127,6 +128,7 @@ def test_summary_has_mean_spread_and_counts_per_group(results):
         ("fa", "default"): (2, 0, 16.0, math.sqrt(2.0), 15.0, 17.0, nan, nan, nan),
         ("frsf", "default"): (2, 0, 11.0, math.sqrt(2.0), 10.0, 12.0, nan, nan, nan),
         ("brsf", "nobn"): (1, 0, 19.0, nan, 19.0, 19.0, nan, nan, nan),
+        ("dfa", "default"): (1, 1, nan, nan, nan, nan, nan, nan, nan),
         ("usf", "init"): (2, 0, 16.0, math.sqrt(2.0), 15.0, 17.0, nan, nan, nan),
     }
     columns = ["n_seeds", "n_diverged", "test_error_mean", "test_error_std", "test_error_min", "test_error_max",

@@ -80,18 +80,13 @@ def versus_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataF
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per group: seeds, diverged seeds, and test error mean/std (%) over the seeds that have one."""
     def aggregate(group: pd.DataFrame) -> pd.Series:
-        top1 = group["test_error_top1"].dropna()
-        out = dict(n_seeds=len(group), n_diverged=int((group["status"] == "diverged").sum()),
-                   test_error_mean=top1.mean() if len(top1) else float("nan"),
-                   test_error_std=top1.std(ddof=1) if len(top1) > 1 else float("nan"),
-                   test_error_min=top1.min() if len(top1) else float("nan"),
-                   test_error_max=top1.max() if len(top1) else float("nan"))
-        # Every group gets the same keys (NaN where it has no top-5 error: every seed diverged,
-        # or 10 classes or fewer), or pandas stacks the groups into one long series.
-        top5 = group["test_error_top5"].dropna()
-        out.update(test_error_top5_mean=top5.mean() if len(top5) else float("nan"),
-                   test_error_top5_std=top5.std(ddof=1) if len(top5) > 1 else float("nan"))
-        return pd.Series(out)
+        # pandas makes the mean, min and max of no values NaN, and the std (ddof 1) of fewer than
+        # two; every group gets every key, or pandas stacks the groups into one long series.
+        top1, top5 = group["test_error_top1"].dropna(), group["test_error_top5"].dropna()
+        return pd.Series(dict(n_seeds=len(group), n_diverged=int((group["status"] == "diverged").sum()),
+                              test_error_mean=top1.mean(), test_error_std=top1.std(ddof=1),
+                              test_error_min=top1.min(), test_error_max=top1.max(),
+                              test_error_top5_mean=top5.mean(), test_error_top5_std=top5.std(ddof=1)))
     summary = runs.groupby(KEYS, sort=False, dropna=False).apply(aggregate, include_groups=False).reset_index()
     if summary["test_error_top5_mean"].isna().all():  # no run reports top-5: no such columns
         summary = summary.drop(columns=["test_error_top5_mean", "test_error_top5_std"])
