@@ -31,6 +31,7 @@ RUNS = [
     ("g/dfa-0", "digits", "convnet", None, 6, "dfa", "default", 0, "diverged", None, None, None),  # all diverged
     ("h/c10-0", "c10", "lenet_cifar", "small", 6, "usf", "init", 0, "completed", 15.0, None, None),
     ("h/c10-1", "c10", "lenet_cifar", "small", 6, "usf", "init", 1, "completed", 17.0, None, None),
+    ("h/c10-frsf-0", "c10", "lenet_cifar", "small", 6, "frsf", "init", 0, "completed", 18.0, None, None),
 ]
 KEYS = ["dataset", "arch", "rule", "variant"]
 
@@ -117,7 +118,8 @@ def test_summary_has_mean_spread_and_counts_per_group(results):
         ("digits", "convnet", "bp", "default"), ("digits", "convnet", "bp", "raw"),
         ("digits", "convnet", "usf", "default"), ("digits", "convnet", "usf", "raw"),
         ("digits", "convnet", "fa", "default"), ("digits", "convnet", "frsf", "default"),
-        ("digits", "convnet", "brsf", "nobn"), ("digits", "convnet", "dfa", "default"), ("c10", "small", "usf", "init")]
+        ("digits", "convnet", "brsf", "nobn"), ("digits", "convnet", "dfa", "default"), ("c10", "small", "usf", "init"),
+        ("c10", "small", "frsf", "init")]
     nan = float("nan")
     # n_seeds, n_diverged, mean, std (ddof 1), min, max, top-5 mean, top-5 std, selected
     expected = {
@@ -130,6 +132,7 @@ def test_summary_has_mean_spread_and_counts_per_group(results):
         ("brsf", "nobn"): (1, 0, 19.0, nan, 19.0, 19.0, nan, nan, nan),
         ("dfa", "default"): (1, 1, nan, nan, nan, nan, nan, nan, nan),
         ("usf", "init"): (2, 0, 16.0, math.sqrt(2.0), 15.0, 17.0, nan, nan, nan),
+        ("frsf", "init"): (1, 0, 18.0, nan, 18.0, 18.0, nan, nan, nan),
     }
     columns = ["n_seeds", "n_diverged", "test_error_mean", "test_error_std", "test_error_min", "test_error_max",
                "test_error_top5_mean", "test_error_top5_std", "selected"]
@@ -163,7 +166,8 @@ def test_paired_differences_against_backprop_of_the_same_variant_or_else_the_fir
         ("frsf", "default"): ("default", 2, 0.0, 0.0, 0.0, 1.0),  # every pair the same
         ("brsf", "nobn"): ("default", 1, 9.0, nan, nan, nan),  # no bp/nobn: bp's first variant; one pair
     }
-    assert len(comparisons) == len(expected)  # no bp rows, none for c10 (no backprop there)
+    # In the order the groups were read; no bp rows, none for c10 (no backprop there).
+    assert list(zip(comparisons.rule, comparisons.variant)) == list(expected)
     for _, row in comparisons.iterrows():
         assert (row.dataset, row.arch) == ("digits", "convnet")
         for column, value in zip(["baseline_variant", "n_pairs", "diff_mean", "ci_low", "ci_high", "p_value"],
@@ -184,17 +188,19 @@ def test_published_numbers_and_ours_beside_them(results):
     assert list(compared.columns) == ["dataset", "arch", "rule", "variant", "ours", "test_error_mean",
                                       "test_error_std", "n_seeds", "n_diverged", "reference_error", "difference",
                                       "source"]
-    assert len(compared) == 1  # digits has no published number; c10's LeNet usf has
+    # digits has no published number; c10's LeNet usf and frsf have (one seed: no spread, shown as 0)
+    assert list(zip(compared.rule, compared.variant, compared.ours)) == [
+        ("usf", "init", "16.00 +- 1.41 (n=2)"), ("frsf", "init", "18.00 +- 0.00 (n=1)")]
     row = compared.iloc[0]
     published = next(line for line in shipped if (line["dataset"], line["arch"], line["rule"]) ==
                      ("cifar10", "lenet_cifar", "usf"))
     assert (row.dataset, row.arch, row.rule, row.variant) == ("c10", "small", "usf", "init")
-    assert row.ours == "16.00 +- 1.41 (n=2)"
     assert row.test_error_mean == 16.0 and row.test_error_std == pytest.approx(math.sqrt(2.0))
     assert (row.n_seeds, row.n_diverged) == (2, 0)
     assert row.reference_error == float(published["test_error_top1"]) == 16.22
     assert row.difference == pytest.approx(16.0 - 16.22)
     assert row.source == published["source"]
+    assert compared.iloc[1].reference_error == 16.86 and math.isnan(compared.iloc[1].test_error_std)
 
 
 def test_histories_and_measurements_carry_their_runs_labels(results):
@@ -244,6 +250,34 @@ def test_no_evaluation_found_is_one_line_naming_where_it_looked(tmp_path):
     status, stderr = cli("summarize", "--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path))
     assert (status, stderr.strip()) == (1, f"summarize: no evaluation.json in {tmp_path / 'a'}, {tmp_path / 'b'}")
     assert not list(tmp_path.glob("*.csv"))  # nothing written
+
+
+def test_backprop_is_the_same_variant_else_its_first_and_a_rule_without_pairs_has_none():
+    from feedback_alignment.summarize import compare_to_backprop
+
+    runs = pd.DataFrame([dict(dataset="d", arch="a", rule=rule, variant=variant, seed=seed, test_error_top1=error)
+                         for rule, variant, seed, error in (("bp", "first", 0, 10.0), ("bp", "second", 0, 20.0),
+                                                            ("fa", "other", 0, 13.0), ("fa", "unpaired", 5, 1.0))])
+    rows = compare_to_backprop(runs).set_index("variant")
+    assert rows.loc["other", "baseline_variant"] == "first" and rows.loc["other", "diff_mean"] == 3.0
+    assert rows.loc["unpaired", "n_pairs"] == 0 and math.isnan(rows.loc["unpaired", "diff_mean"])
+
+
+def test_the_command_line_help_and_its_required_arguments(capsys):
+    from feedback_alignment import summarize
+
+    status, _ = cli("summarize", "--help")
+    out = capsys.readouterr().out
+    assert status == 0
+    assert " ".join(out.split()).startswith(
+        "usage: python -m feedback_alignment summarize [-h] --runs RUNS [RUNS ...] --out OUT [--tuning [TUNING ...]]")
+    assert summarize.__doc__.strip() in out  # as written: the example line keeps its indent
+    for text in ("evaluation.json files, or folders searched for them",
+                 "folder for summary.csv, runs.csv and histories.csv", "selected.json of each tuned group"):
+        assert text in " ".join(out.split()), text
+    for missing, argv in (("--runs", ["--out", "x"]), ("--out", ["--runs", "x"])):
+        status, stderr = cli("summarize", *argv)
+        assert status == 2 and stderr.strip().endswith(f"error: the following arguments are required: {missing}")
 
 
 def assert_same(actual, expected, where):
