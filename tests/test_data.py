@@ -174,3 +174,42 @@ def test_an_epoch_serves_full_batches_of_its_own_rows_up_to_max_batches():
                                           share=share)) for share in (slice(0, 2), slice(2, 4))]
     assert [a + b for a, b in zip(*halves)] == served
     assert data.epoch_seed(3, 2) == 3 * 100003 + 2 and data.epoch_seed(0, 1) != data.epoch_seed(1, 0)
+
+
+def test_cache_splits_holds_out_validation_as_documented_and_records_what_it_was_given(tmp_path):
+    import numpy as np
+
+    images = np.arange(10 * 2 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2, 2)
+    labels = np.arange(10)
+    test_images, test_labels = images[:3] + 1, np.array([7, 8, 9])
+    data.cache_splits(tmp_path / "c.pt", "mine", "somekind", images, labels, test_images, test_labels, 10,
+                      val_size=4, split_seed=3, image_size=None, source="from the test")
+    record = torch.load(tmp_path / "c.pt", weights_only=True)
+    order = np.random.RandomState(3).permutation(10)
+    assert record["val_labels"].tolist() == order[:4].tolist() and record["train_labels"].tolist() == order[4:].tolist()
+    assert torch.equal(record["train_images"], torch.from_numpy(images[order[4:]]))
+    assert torch.equal(record["test_images"], torch.from_numpy(test_images))
+    pixels = images[order[4:]] / 255
+    assert record["mean"] == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist(), rel=1e-12)
+    assert record["std"] == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist(), rel=1e-9)
+    assert (record["name"], record["kind"], record["source"], record["num_classes"]) == (
+        "mine", "somekind", "from the test", 10)
+    # A validation split given (ImageNet's own): nothing is held out of train.
+    data.cache_splits(tmp_path / "v.pt", "mine", "somekind", images, labels, test_images, test_labels, 10,
+                      val_size=4, split_seed=3, image_size=None, source="s", val=(images[:2], labels[:2]))
+    given = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert given["train_labels"].tolist() == list(range(10)) and given["val_labels"].tolist() == [0, 1]
+    for val_size in (0, 10):
+        with pytest.raises(data.DataError) as error:
+            data.cache_splits(tmp_path / "x.pt", "mine", "k", images, labels, test_images, test_labels, 10,
+                              val_size=val_size, split_seed=0, image_size=None, source="s")
+        assert str(error.value) == f"mine: val_size {val_size} must be between 0 and the 10 training images"
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_resizing_no_images_gives_no_images_of_the_new_size():
+    import numpy as np
+
+    assert data.resize(np.zeros((0, 3, 8, 8), np.uint8), 4).shape == (0, 3, 4, 4)
+    white = data.resize(np.full((2, 1, 7, 7), 255, np.uint8), 3)  # a constant stays itself: no overshoot
+    assert white.dtype == np.uint8 and (white == 255).all()

@@ -58,11 +58,12 @@ def prepare_digits(out: Path, val_size: int = 180, test_size: int = 360, split_s
 
 
 def resize(images: np.ndarray, side: int) -> np.ndarray:
-    """uint8 N x C x H x W to side x side (bilinear, antialiased), in chunks."""
+    """uint8 N x C x H x W to side x side (bilinear, antialiased), in chunks. The filter's weights
+    are non-negative and sum to 1, so every value stays within [0, 255]: no clamp is needed."""
     chunks = [F.interpolate(torch.from_numpy(images[i:i + 4096]).float(), size=(side, side), mode="bilinear",
-                            antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8).numpy()
+                            antialias=True, align_corners=False).round_().to(torch.uint8).numpy()
               for i in range(0, len(images), 4096)]
-    return np.concatenate(chunks) if chunks else images
+    return np.concatenate(chunks) if chunks else np.empty((0, images.shape[1], side, side), np.uint8)
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -70,7 +71,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     total = np.zeros(images.shape[1])
     squares = np.zeros(images.shape[1])
     for i in range(0, len(images), 4096):
-        chunk = images[i:i + 4096].astype(np.float64) / 255
+        chunk = images[i:i + 4096] / 255.0  # float64
         total += chunk.sum(axis=(0, 2, 3))
         squares += (chunk ** 2).sum(axis=(0, 2, 3))
     count = images.shape[0] * images.shape[2] * images.shape[3]
