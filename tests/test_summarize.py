@@ -211,6 +211,10 @@ def test_histories_and_measurements_carry_their_runs_labels(results):
         [2, 1.0, 30.0, "digits", "convnet", "bp", "default", 0, "completed"],
         [1, 9.0, 90.0, "digits", "convnet", "usf", "default", 2, "diverged"]]
     alignment = read(results, "alignment.csv")
+    # For a notebook: load_runs' frames are indexed 0..n-1 (not each run's own rows 0, 1, ...).
+    from feedback_alignment.summarize import load_runs
+    for frame in load_runs([results.parent / "runs"]):
+        assert frame.index.tolist() == list(range(len(frame)))
     assert list(alignment.columns) == ["step", "layer", "angle", *KEYS, "seed"]
     assert alignment.values.tolist() == [[20, "conv1", 80.0, "digits", "convnet", "fa", "default", 0],
                                          [40, "conv1", 70.0, "digits", "convnet", "fa", "default", 0]]
