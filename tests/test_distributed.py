@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -192,9 +193,11 @@ def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(monkeyp
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    # LOCAL_RANK and LOCAL_WORLD_SIZE left out, as a launcher other than torchrun may: one node, rank 0.
+    for key, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -227,6 +230,14 @@ def test_one_process_is_a_world_of_one_that_asks_nothing_of_torch_distributed(mo
     assert world.sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
     assert world.any([True, False], torch.device("cpu")) == [True, False]
     world.barrier(), close_world(world)  # no group: nothing to meet, nothing to leave
+    # A group someone else made (a notebook, a launcher) is not a single run's to leave.
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        close_world(World())
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
     assert World(1, 2).share(32) == slice(16, 32) and not World(1, 2).is_main
     check_device_usable("cpu"), check_device_usable("auto")
     if not torch.cuda.is_available():
@@ -243,20 +254,45 @@ def test_world_shares_split_a_batch_without_overlap():
     assert torch.equal(torch.cat([rows[s] for s in shares]), rows)
 
 
-def test_gpu_slots_spread_runs_over_gpus_then_double_up(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEEDBACK_ALIGNMENT_LOCKS", str(tmp_path))
+def test_gpu_slots_spread_runs_over_gpus_then_double_up(tmp_path, monkeypatch, capsys):
+    import threading
+
+    locks = tmp_path / "not" / "yet" / "there"  # made, parents too, open to every user of the node
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_LOCKS", str(locks))
     gpus = ["GPU-aaa", "GPU-bbb"]
+    claim_gpu_slot(["GPU-zzz"], runs_per_gpu=1)[1].close()
+    (locks / "GPU-aaa.slot0.lock").write_text("a much longer line than a process id\n")  # an old run's
     claims = [claim_gpu_slot(gpus, runs_per_gpu=2) for _ in range(4)]
     assert [index for index, _ in claims] == [0, 1, 0, 1]
-    # All four slots are taken: a fifth run in another process says so and waits...
-    waiter = subprocess.Popen(
-        [sys.executable, "-c", "from feedback_alignment.distributed import claim_gpu_slot; "
-         "print(claim_gpu_slot(['GPU-aaa', 'GPU-bbb'], 2, poll_seconds=0.05)[0])"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "waiting for a free GPU: 2 run(s) per GPU already use all 2" in waiter.stderr.readline()
-    assert waiter.poll() is None
+    assert locks.stat().st_mode & 0o7777 == 0o1777
+    for gpu, slot in (("aaa", 0), ("bbb", 0), ("aaa", 1), ("bbb", 1)):
+        path = locks / f"GPU-{gpu}.slot{slot}.lock"
+        assert path.read_text() == f"{os.getpid()}\n" and path.stat().st_mode & 0o777 == 0o666
+    # All four slots are taken: a fifth run says so once and waits (flock: another open file
+    # description of this process is refused like another process)...
+    fifth = []
+    waiter = threading.Thread(target=lambda: fifth.append(claim_gpu_slot(gpus, 2, poll_seconds=0.02)))
+    waiter.start()
+    time.sleep(0.3)  # about 15 looks at the slots
+    assert waiter.is_alive()
     claims[1][1].close()  # ...until the run on GPU-bbb, slot 0 ends, and takes its place.
-    assert waiter.communicate(timeout=30)[0].strip() == "1"
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and fifth[0][0] == 1
+    assert capsys.readouterr().err == ("waiting for a free GPU: 2 run(s) per GPU already use all 2 "
+                                       "(--runs-per-gpu to share more, --device cuda:K to pick one)\n")
+    for _, handle in claims + fifth:
+        handle.close()
+
+
+def test_gpu_locks_live_in_the_temporary_folder_unless_the_environment_says(monkeypatch):
+    import tempfile
+
+    from feedback_alignment.distributed import lock_directory
+
+    monkeypatch.delenv("FEEDBACK_ALIGNMENT_LOCKS", raising=False)
+    assert lock_directory() == Path(tempfile.gettempdir()) / "feedback_alignment-gpus"
+    monkeypatch.setenv("FEEDBACK_ALIGNMENT_LOCKS", "/somewhere/else")
+    assert lock_directory() == Path("/somewhere/else")
 
 
 def test_gpu_slots_work_for_a_second_user_of_the_node(monkeypatch):
@@ -294,7 +330,11 @@ def test_processes_go_to_gpus_with_the_backend_that_takes_them():
     assert process_placement(True, 3, 8, 8) == ("cuda:3", "nccl")
     assert process_placement(True, 1, 2, 1) == ("cuda:0", "gloo")
     assert process_placement(True, 3, 4, 2, "gloo") == ("cuda:1", "gloo")
-    with pytest.raises(ValueError, match="2 processes share 1 GPU.*use --dist-backend gloo"):
+    assert process_placement(True, 0, 2, 2, "gloo") == ("cuda:0", "gloo")  # asked for: kept
+    with pytest.raises(ValueError) as sharing:
         process_placement(True, 1, 2, 1, "nccl")
-    with pytest.raises(ValueError, match="--dist-backend nccl needs CUDA"):
+    assert str(sharing.value) == ("--dist-backend nccl: 2 processes share 1 GPU(s) on this node, and nccl takes one "
+                                  "process per GPU; use --dist-backend gloo")
+    with pytest.raises(ValueError) as cpu:
         process_placement(False, 0, 2, 0, "nccl")
+    assert str(cpu.value) == "--dist-backend nccl needs CUDA; on the CPU the processes use gloo"

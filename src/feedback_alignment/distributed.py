@@ -157,7 +157,7 @@ def claim_gpu_slot(device_ids: list[str], runs_per_gpu: int, poll_seconds: float
                 except BlockingIOError:
                     handle.close()
                     continue
-                handle.truncate(0)
+                handle.truncate()  # at 0, where the file was opened: drop a longer id left before
                 handle.write(f"{os.getpid()}\n")
                 handle.flush()
                 return index, handle
