@@ -213,3 +213,44 @@ def test_resizing_no_images_gives_no_images_of_the_new_size():
     assert data.resize(np.zeros((0, 3, 8, 8), np.uint8), 4).shape == (0, 3, 4, 4)
     white = data.resize(np.full((2, 1, 7, 7), 255, np.uint8), 3)  # a constant stays itself: no overshoot
     assert white.dtype == np.uint8 and (white == 255).all()
+
+
+def test_the_default_digits_split_is_the_documented_one(tmp_path):
+    # What the default study trains on: 180 validation and 360 test images, split seed 0.
+    data.prepare_digits(tmp_path / "default.pt")
+    data.prepare_digits(tmp_path / "explicit.pt", val_size=180, test_size=360, split_seed=0, name="digits")
+    default, explicit = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("default", "explicit"))
+    assert default.keys() == explicit.keys() and default["name"] == "digits"
+    for key, value in default.items():
+        assert torch.equal(value, explicit[key]) if isinstance(value, torch.Tensor) else value == explicit[key], key
+
+
+class Payload:
+    """Stands for any object a pickle could carry, and run code to build."""
+
+
+def test_a_cache_loads_per_channel_statistics_and_refuses_anything_but_tensors(tmp_path):
+    import numpy as np
+
+    images = np.random.RandomState(0).randint(0, 256, (6, 3, 4, 4)).astype(np.uint8)
+    data.cache_splits(tmp_path / "c.pt", "rgb", "rgb", images, np.arange(6), images[:2], np.arange(2), 6,
+                      val_size=2, split_seed=0, image_size=None, source="s")
+    loaded = data.load_tensor_data(tmp_path / "c.pt", torch.device("cpu"))
+    record = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert loaded.mean.shape == loaded.std.shape == (1, 3, 1, 1) and loaded.in_channels == 3
+    assert loaded.mean.flatten().tolist() == pytest.approx(record["mean"]) and loaded.image_size == 4
+    # A cache is data: a file that would run code when unpickled is refused, not loaded.
+    record["name"] = Payload()  # an object of a class: only a full unpickler builds it
+    torch.save(record, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        data.load_tensor_data(tmp_path / "bad.pt", torch.device("cpu"))
+
+
+def test_a_crop_with_one_pixel_of_room_moves_and_one_without_draws_nothing():
+    images = torch.arange(9, dtype=torch.uint8).view(1, 1, 3, 3).repeat(200, 1, 1, 1)
+    crops = data.augment(images, torch.Generator().manual_seed(0), crop=2, pad=0, flip=False)
+    assert crops.shape == (200, 1, 2, 2) and set(crops[:, 0, 0, 0].tolist()) == {0, 1, 3, 4}
+    # No room: no offsets drawn, so the flips are the generator's first draws.
+    flipped = data.augment(images, torch.Generator().manual_seed(5), crop=3, pad=0, flip=True)
+    expected = torch.rand(200, generator=torch.Generator().manual_seed(5)) < 0.5
+    assert torch.equal((flipped != images).flatten(1).any(1), expected)
