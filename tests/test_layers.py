@@ -75,3 +75,13 @@ def test_feedback_is_not_weight_for_asymmetric_rules():
         layer = fa.convert(nn.Linear(8, 8), rule=rule, scale=scale_for(rule))
         layer(torch.randn(2, 8))
         assert not torch.allclose(layer.feedback_weight, layer.weight), rule
+
+
+def test_a_converted_layer_prints_its_rule_scale_and_weight_norm_constraint():
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Linear(4, 5))
+    layers = fa.convert(copy.deepcopy(plain), rule="frsf", scale="match", seed=0)
+    assert repr(layers[0]) == "FeedbackConv2d(2, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), rule=frsf, scale=match)"
+    assert repr(layers[1]) == "FeedbackLinear(in_features=4, out_features=5, bias=True, rule=frsf, scale=match)"
+    constrained = fa.convert(copy.deepcopy(plain), rule="usf", scale="none", seed=0, constrain_weight_norm=True)
+    assert repr(constrained[1]) == ("FeedbackLinear(in_features=4, out_features=5, bias=True, rule=usf, scale=none, "
+                                    "constrain_weight_norm=True)")

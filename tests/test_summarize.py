@@ -236,6 +236,13 @@ def test_tuning_table_has_one_column_per_swept_key(results):
             assert_same(row[column], value, column)
 
 
+def test_the_tuning_table_of_several_groups_is_indexed_0_to_n(results):
+    from feedback_alignment.summarize import tuning_table
+
+    table = tuning_table(sorted((results.parent / "tuning").glob("*.json")))
+    assert table.index.tolist() == [0, 1, 2] and table.rule.tolist() == ["fa", "usf", "usf"]
+
+
 def test_a_run_without_history_or_tuning_gives_empty_tables_with_their_columns(tmp_path):
     write_run(tmp_path / "runs/bp", "digits", "convnet", None, 6, "bp", "default", 0, "completed", 10.0, None, None)
     cli_ok("summarize", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
@@ -276,9 +283,10 @@ def test_the_command_line_help_and_its_required_arguments(capsys):
     assert " ".join(out.split()).startswith(
         "usage: python -m feedback_alignment summarize [-h] --runs RUNS [RUNS ...] --out OUT [--tuning [TUNING ...]]")
     assert summarize.__doc__.strip() in out  # as written: the example line keeps its indent
-    for text in ("evaluation.json files, or folders searched for them",
-                 "folder for summary.csv, runs.csv and histories.csv", "selected.json of each tuned group"):
-        assert text in " ".join(out.split()), text
+    assert " ".join(out.split()).endswith(
+        "--runs RUNS [RUNS ...] evaluation.json files, or folders searched for them "
+        "--out OUT folder for summary.csv, runs.csv and histories.csv "
+        "--tuning [TUNING ...] selected.json of each tuned group")
     for missing, argv in (("--runs", ["--out", "x"]), ("--out", ["--runs", "x"])):
         status, stderr = cli("summarize", *argv)
         assert status == 2 and stderr.strip().endswith(f"error: the following arguments are required: {missing}")
