@@ -64,6 +64,7 @@ def test_center_crop_takes_the_middle_by_hand():
     assert torch.equal(data.center_crop(images, 4), images[..., 1:5, 1:5])  # (7 - 4) // 2 = 1
     assert torch.equal(data.center_crop(images, 3), images[..., 2:5, 2:5])
     assert torch.equal(data.center_crop(images, 7), images)
+    assert torch.equal(data.center_crop(images, 6), images[..., 0:6, 0:6])  # a margin of 1: (7 - 6) // 2 = 0
     oblong = torch.arange(6 * 8).view(1, 1, 6, 8)
     assert torch.equal(data.center_crop(oblong[..., :6], 2), oblong[..., 2:4, 2:4])
 
@@ -210,7 +211,8 @@ def test_cache_splits_holds_out_validation_as_documented_and_records_what_it_was
 def test_resizing_no_images_gives_no_images_of_the_new_size():
     import numpy as np
 
-    assert data.resize(np.zeros((0, 3, 8, 8), np.uint8), 4).shape == (0, 3, 4, 4)
+    empty = data.resize(np.zeros((0, 3, 8, 8), np.uint8), 4)
+    assert empty.shape == (0, 3, 4, 4) and empty.dtype == np.uint8
     white = data.resize(np.full((2, 1, 7, 7), 255, np.uint8), 3)  # a constant stays itself: no overshoot
     assert white.dtype == np.uint8 and (white == 255).all()
 
@@ -254,3 +256,22 @@ def test_a_crop_with_one_pixel_of_room_moves_and_one_without_draws_nothing():
     flipped = data.augment(images, torch.Generator().manual_seed(5), crop=3, pad=0, flip=True)
     expected = torch.rand(200, generator=torch.Generator().manual_seed(5)) < 0.5
     assert torch.equal((flipped != images).flatten(1).any(1), expected)
+
+
+def test_training_batches_are_padded_cropped_and_flipped_as_asked():
+    # Every pixel holds its column + 1 (0 only where padding was added); mean 0, std 1.
+    images = (torch.arange(4, dtype=torch.uint8) + 1).expand(400, 1, 4, 4).contiguous()
+    loaded = data.TensorData("t", "t", {"train": (images, torch.zeros(400, dtype=torch.long))}, 1,
+                             torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+
+    def first_batch(pad, flip):
+        batch, _ = next(iter(data.EpochBatches(loaded, 400, torch.Generator().manual_seed(0), 4, pad, flip)))
+        return (batch * 255).round().long()
+    plain = first_batch(0, False)
+    assert torch.equal(plain, images.long())
+    padded = first_batch(2, False)  # 8 x 8 after padding, cropped back to 4 x 4 at a random offset
+    # per axis a crop keeps on average 2.8 of its 4 pixels in the image (offsets 0-4): 1 - 0.7 ** 2 padding
+    assert padded.shape == (400, 1, 4, 4) and abs((padded == 0).float().mean().item() - 0.51) < 0.04
+    flipped = first_batch(0, True)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    assert 0.4 < mirrored.float().mean() < 0.6 and ((flipped == images).flatten(1).all(1) | mirrored).all()

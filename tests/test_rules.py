@@ -299,3 +299,18 @@ def test_batch_manhattan_by_hand():
     torch.testing.assert_close(param.detach(), torch.tensor([0.707201, -1.704302, 0.4985505]))
     with pytest.raises(ValueError, match="lr must be > 0"):
         fa.optim.BatchManhattan([param], lr=-1)
+
+
+def test_options_from_a_command_line_are_key_value_pairs():
+    rule = fa.get_rule("wm")
+    assert rule.parse_options(["decay=0.5"])["decay"] == 0.5
+    for pair in ("decay", "=0.5"):
+        with pytest.raises(ValueError) as error:
+            rule.parse_options([pair])
+        assert str(error.value) == f"{pair!r}: write KEY=VALUE"  # no flag named: the pair alone
+    with pytest.raises(ValueError) as error:
+        rule.parse_options(["decay"], flag="--rule-option ")
+    assert str(error.value) == "--rule-option 'decay': write KEY=VALUE"
+    with pytest.raises(ValueError) as error:  # split at the first '='
+        rule.parse_options(["decay==0.5"])
+    assert str(error.value) == "rule 'wm' option 'decay' takes a number, not '=0.5'"

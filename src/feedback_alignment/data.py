@@ -155,8 +155,9 @@ def augment(images: Tensor, generator: torch.Generator, crop: int, pad: int, fli
 
 
 def center_crop(images: Tensor, crop: int) -> Tensor:
+    """The middle crop x crop (a view); with an odd margin, one pixel more on the bottom and right."""
     offset = (images.shape[-1] - crop) // 2
-    return images[..., offset:offset + crop, offset:offset + crop] if offset > 0 else images
+    return images[..., offset:offset + crop, offset:offset + crop]
 
 
 def batches(data: TensorData, split: str, batch_size: int, crop: int | None = None,
