@@ -443,3 +443,46 @@ def test_rule_options_are_checked_by_name_type_and_range(options, message):
 def test_a_rule_without_options_says_so():
     with pytest.raises(ValueError, match="rule 'fa' has no option 'lr'; it takes no options"):
         fa.convert(mlp(), rule="fa", lr=0.1)
+
+
+def test_the_budget_counts_a_convolutions_noise_samples_along_each_kernel_dimension():
+    """By hand, 8 noise samples per image along each dimension of the kernel. Conv1d(2, 4, 3) on
+    4 x 2 x 10: 32 positions x 24 weights x 3 = 2,304 in training; an image costs 2 x 8 x 24 = 384:
+    6 images. Conv3d(1, 2, 2) on 2 x 1 x 5 x 5 x 5: 128 x 16 x 3 = 6,144; an image costs
+    2 x 512 x 16 = 16,384, more than the whole budget: the one image every layer keeps."""
+    conv1d = fa.convert(nn.Conv1d(2, 4, 3), rule="wm", seed=0)
+    conv1d(torch.randn(4, 2, 10, requires_grad=True))
+    conv3d = fa.convert(nn.Conv3d(1, 2, 2), rule="wm", seed=0)
+    conv3d(torch.randn(2, 1, 5, 5, 5, requires_grad=True))
+    assert fa.mirror.MIRROR_POSITIONS == 8
+    assert fa.mirror.noise_images([conv1d], 16, 1.0) == [6] and fa.mirror.noise_images([conv3d], 16, 1.0) == [1]
+
+
+def test_wms_between_step_work_is_a_mirror_phase_with_the_rules_options():
+    options = dict(lr=0.3, decay=0.1, batch=8, every=1, budget=0.01)
+    model = fa.convert(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+                       rule="wm", seed=0, **options)
+    F.cross_entropy(model(torch.randn(2, 1, 8, 8)), torch.tensor([0, 2])).backward()
+    by_hand, unbounded = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(1)
+    fa.after_step(model, 0)
+    torch.manual_seed(1)
+    fa.mirror.mirror_step(by_hand, 0.3, 0.1, 8, 0.01)
+    torch.manual_seed(1)
+    fa.mirror.mirror_step(unbounded, 0.3, 0.1, 8, 0.0)
+    for (name, layer), (_, expected), (_, other) in zip(*(fa.feedback_layers(m) for m in (model, by_hand, unbounded))):
+        assert torch.equal(layer.feedback_direction, expected.feedback_direction), name
+    # The budget binds here (a small batch of 2 images): without it B would differ.
+    assert any(not torch.equal(layer.feedback_direction, other.feedback_direction)
+               for (_, layer), (_, other) in zip(fa.feedback_layers(model), fa.feedback_layers(unbounded)))
+
+
+def test_a_kp_layer_whose_w_is_frozen_teaches_its_b_nothing():
+    # Kolen-Pollack moves B as W moves; a W that takes no gradient (fine-tuning the top only) and
+    # an input that needs none: the layer runs plain, and its B gets no gradient either.
+    model = fa.convert(mlp(), rule="kp", seed=0)
+    first = fa.feedback_layers(model)[0][1]
+    first.weight.requires_grad_(False), first.bias.requires_grad_(False)
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    assert first.feedback_direction.grad is None
+    assert all(layer.feedback_direction.grad is not None for _, layer in fa.feedback_layers(model)[1:])

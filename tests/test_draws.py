@@ -194,3 +194,18 @@ def test_a_signed_draw_made_once_is_the_full_precision_draw_times_the_sign():
     expected = draws.uniform_(torch.empty_like(weight), 0.0, 0.5, key) * torch.sign(weight)
     assert torch.equal(signed, expected) and int(layer.feedback_draws) == draw + 1
     assert (signed[0, 0] == 0).all()
+
+
+def test_a_per_step_draw_from_zero_and_into_a_channels_last_tensor(word_path, monkeypatch):
+    monkeypatch.setattr(draws, "words", lambda key, count, device, first=0: word_path(key, count, first))
+    key = 24680
+    values = draws.fast_uniform_(torch.empty(2, 3, 4, 5, dtype=torch.float64), 0.0, 3.0, key)
+    levels = torch.tensor(levels_of(splitmix64(key, 30))[:120], dtype=torch.float64).view(2, 3, 4, 5)
+    assert torch.equal(values, (levels + 0.5) * (3.0 / 2**16))  # low 0: the midpoints of the levels
+    # A channels_last buffer gets the same values at the same (logical) indices.
+    strided = torch.empty(2, 3, 4, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    filled = draws.fast_uniform_(strided, 0.0, 3.0, key)
+    assert filled is strided and not strided.is_contiguous() and torch.equal(strided, values)
+    shifted = draws.fast_uniform_(torch.empty(2, 3, 4, 5, dtype=torch.float64).to(memory_format=torch.channels_last),
+                                  -1.0, 2.0, key)
+    assert torch.equal(shifted, values - 1.0)

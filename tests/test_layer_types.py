@@ -29,6 +29,8 @@ CONFIGS = [  # (layer type, constructor arguments, input shape, forward extra ar
     (nn.ConvTranspose2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, groups=2, dilation=2), (2, 4, 4, 5), {}),
     (nn.ConvTranspose2d, dict(in_channels=3, out_channels=2, kernel_size=3, stride=2, padding=1), (2, 3, 4, 4),
      dict(output_size=[8, 8])),
+    (nn.ConvTranspose2d, dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, dilation=2), (2, 2, 4, 4),
+     dict(output_size=[12, 12])),  # the dilated kernel spans 5: 11 without output padding
     (nn.ConvTranspose2d, dict(in_channels=3, out_channels=2, kernel_size=2, stride=2), (3, 4, 4), {}),  # unbatched
     (nn.ConvTranspose3d, dict(in_channels=2, out_channels=3, kernel_size=2, stride=(2, 1, 2), bias=False), (2, 2, 3, 3, 3), {}),
 ]
