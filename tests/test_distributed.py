@@ -171,7 +171,7 @@ def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_pat
 # side (distributed.py); it prints what its collectives returned.
 PEER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=1, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=int(sys.argv[2]), world_size=2)
     summed = torch.tensor([10.0, 2.0, 0.0], dtype=torch.float64)
     dist.all_reduce(summed)
     flags = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
@@ -182,9 +182,12 @@ PEER = textwrap.dedent("""
 """)
 
 
-def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(monkeypatch):
-    """init_world reads torchrun's environment (rank 0 of 2, on the CPU: gloo), then sum, any and
-    barrier meet the other rank's collectives; close_world leaves the group."""
+# Rank 0 with LOCAL_RANK and LOCAL_WORLD_SIZE left out, as a launcher other than torchrun may
+# (one node); rank 1, the second process of its node, as torchrun starts it (not the main rank).
+@pytest.mark.parametrize("rank, local", [(0, {}), (1, dict(LOCAL_RANK="1", LOCAL_WORLD_SIZE="2"))])
+def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(rank, local, monkeypatch):
+    """init_world reads the launcher's environment (on the CPU: gloo), then sum, any and barrier
+    meet the other rank's collectives; close_world leaves the group."""
     import socket
 
     import torch.distributed as dist
@@ -193,18 +196,19 @@ def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(monkeyp
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # LOCAL_RANK and LOCAL_WORLD_SIZE left out, as a launcher other than torchrun may: one node, rank 0.
-    for key, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for key, value in dict(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
     for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    for key, value in local.items():
+        monkeypatch.setenv(key, value)
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), str(1 - rank)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         world, device = init_world("auto", 32)
         try:
-            assert (world, device) == (World(rank=0, size=2, local_rank=0), "cpu")
-            assert world.distributed and world.is_main and dist.get_backend() == "gloo"
+            assert (world, device) == (World(rank=rank, size=2, local_rank=rank), "cpu")
+            assert world.distributed and world.is_main == (rank == 0) and dist.get_backend() == "gloo"
             # 2**53 + 2 is exact in float64 only (float32 makes it 2**53): counts must stay exact.
             assert world.sum([1.0, 2.0 ** 53, 5.0], torch.device("cpu")) == [11.0, 2.0 ** 53 + 2, 5.0]
             assert world.any([False, False, False], torch.device("cpu")) == [False, False, True]
