@@ -341,7 +341,7 @@ def test_the_budget_cuts_noise_images_of_the_costliest_layers_first():
 def test_a_mirror_layer_records_the_positions_its_forward_applied_w_at(layer, shape, positions):
     layer = fa.convert(layer(), rule="wm", seed=0)
     layer(torch.randn(shape, requires_grad=True))
-    assert layer.forward_positions == positions
+    assert layer.forward_positions == positions and type(layer.forward_positions) is int  # a count
 
 
 def test_the_budget_bounds_the_mirror_phases_multiply_adds():
@@ -486,3 +486,18 @@ def test_a_kp_layer_whose_w_is_frozen_teaches_its_b_nothing():
     F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
     assert first.feedback_direction.grad is None
     assert all(layer.feedback_direction.grad is not None for _, layer in fa.feedback_layers(model)[1:])
+
+
+def test_a_kp_b_frozen_on_purpose_draws_no_unstepped_warning():
+    import warnings
+
+    model = fa.convert(mlp(), rule="kp", seed=0)
+    for _, layer in fa.feedback_layers(model):
+        layer.feedback_direction.requires_grad_(False)  # a fixed B, chosen: fa by another name
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+            optimizer.step()

@@ -85,3 +85,13 @@ def test_a_converted_layer_prints_its_rule_scale_and_weight_norm_constraint():
     constrained = fa.convert(copy.deepcopy(plain), rule="usf", scale="none", seed=0, constrain_weight_norm=True)
     assert repr(constrained[1]) == ("FeedbackLinear(in_features=4, out_features=5, bias=True, rule=usf, scale=none, "
                                     "constrain_weight_norm=True)")
+
+
+def test_refreshing_for_a_given_weight_makes_b_from_that_weight():
+    # What the model's pre-hook does for weights that hooks or parametrizations make.
+    layer = fa.convert(nn.Linear(6, 4), rule="usf", scale="none", seed=0)
+    other = -layer.weight.detach().clone()
+    layer.refresh_feedback_(other)
+    assert torch.equal(torch.sign(layer.feedback_weight), torch.sign(other))
+    layer.refresh_feedback_()
+    assert torch.equal(torch.sign(layer.feedback_weight), torch.sign(layer.weight.detach()))
