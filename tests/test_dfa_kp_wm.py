@@ -501,3 +501,12 @@ def test_a_kp_b_frozen_on_purpose_draws_no_unstepped_warning():
             optimizer.zero_grad()
             F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
             optimizer.step()
+
+
+def test_a_dfa_layer_outside_a_converted_model_says_so():
+    from feedback_alignment.layers import from_module
+
+    layer = from_module(nn.Linear(3, 2), "head", "dfa", "none", 0, False)  # made alone, not by fa.convert
+    with pytest.raises(RuntimeError) as error:
+        layer(torch.randn(2, 3, requires_grad=True))
+    assert str(error.value) == "dfa layer 'head' is not part of a model converted with fa.convert(model, rule='dfa')"

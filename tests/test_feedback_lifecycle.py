@@ -98,9 +98,12 @@ def _net(seed=0):
                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
 
 
+# A part of the model, or the whole of it: then the recomputation in backward runs the converted
+# model's own pre-hook again, which must not refresh (brsf: draw) anything.
+@pytest.mark.parametrize("whole", [False, True], ids=["part", "whole"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("rule", ["brsf", "usf", "fa"])
-def test_checkpointing_replays_the_same_draw(rule, reentrant):
+def test_checkpointing_replays_the_same_draw(rule, reentrant, whole):
     plain = fa.convert(_net(), rule=rule, scale="match", seed=1)
     checkpointed = copy.deepcopy(plain)
     x = torch.randn(3, 2, 5, 5, requires_grad=True)
@@ -112,6 +115,8 @@ def test_checkpointing_replays_the_same_draw(rule, reentrant):
             xi = x.detach().clone().requires_grad_()
             if name == "plain":
                 out = model(xi)
+            elif whole:
+                out = checkpoint(model, xi, use_reentrant=reentrant)
             else:
                 hidden = checkpoint(model[:4], xi, use_reentrant=reentrant)
                 out = model[4:](hidden)
@@ -323,3 +328,18 @@ def test_a_model_with_a_pending_backward_pickles_and_copies():
             assert b._pending_backward == [], name
         other(x).sum().backward()
     out.sum().backward()
+
+
+def test_nine_forwards_before_their_backwards_keep_the_b_they_saw_through_a_mirror_step():
+    # Past eight pending forwards the layer prunes its list of them; the live ones stay listed, so
+    # that the mirror phase's in-place change of B leaves them the B they ran with.
+    layer = fa.convert(nn.Linear(5, 4), rule="wm", seed=0)
+    inputs = [torch.randn(2, 5, requires_grad=True) for _ in range(9)]
+    outputs = [layer(x) for x in inputs]
+    seen = layer.feedback_weight.detach().clone()
+    fa.mirror.mirror_step(layer, lr=0.5, decay=0.5)
+    assert not torch.equal(layer.feedback_weight, seen)
+    for x, out in zip(inputs, outputs):
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        torch.testing.assert_close(x.grad, grad @ seen)

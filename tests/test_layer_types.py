@@ -25,6 +25,8 @@ CONFIGS = [  # (layer type, constructor arguments, input shape, forward extra ar
     (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"), (3, 6, 5), {}),
     (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=(3, 2, 3), stride=(1, 2, 1), padding=1), (2, 2, 5, 6, 5), {}),
     (nn.Conv3d, dict(in_channels=2, out_channels=4, kernel_size=3, padding="same", groups=2, bias=False), (2, 5, 4, 5), {}),
+    # "same" with one dimension even (padded 1 and 2) and one odd (1 and 1)
+    (nn.Conv2d, dict(in_channels=2, out_channels=3, kernel_size=(4, 3), padding="same"), (2, 2, 6, 5), {}),
     (nn.ConvTranspose1d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1, output_padding=1), (2, 3, 6), {}),
     (nn.ConvTranspose2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, groups=2, dilation=2), (2, 4, 4, 5), {}),
     (nn.ConvTranspose2d, dict(in_channels=3, out_channels=2, kernel_size=3, stride=2, padding=1), (2, 3, 4, 4),
