@@ -510,3 +510,22 @@ def test_a_dfa_layer_outside_a_converted_model_says_so():
     with pytest.raises(RuntimeError) as error:
         layer(torch.randn(2, 3, requires_grad=True))
     assert str(error.value) == "dfa layer 'head' is not part of a model converted with fa.convert(model, rule='dfa')"
+
+
+def test_a_dfa_layer_without_an_output_error_names_itself():
+    model = fa.convert(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), rule="dfa", seed=0)
+    hidden = model[0](torch.randn(2, 3, requires_grad=True))  # a loss on a hidden layer: no output error
+    with pytest.raises(RuntimeError) as error:
+        hidden.sum().backward()
+    assert str(error.value).startswith("dfa layer '0' has no output error to project")
+
+
+def test_frsfs_magnitudes_are_drawn_once_at_full_precision_brsfs_on_the_16_bit_grid():
+    def off_grid(magnitudes, bound):  # entries not (k + 1/2) bound / 2^16 for an integer k
+        levels = magnitudes.double() / bound * 2**16 - 0.5
+        return (levels - levels.round()).abs().gt(1e-6).float().mean().item()
+    frsf = fa.convert(nn.Linear(30, 20), rule="frsf", scale="none", seed=0)
+    assert off_grid(frsf.feedback_magnitude, frsf.init_bound) > 0.9
+    brsf = fa.convert(nn.Linear(30, 20), rule="brsf", scale="none", seed=0)
+    brsf(torch.randn(2, 30, requires_grad=True))  # drawn before each training forward: sign(W) x magnitude
+    assert off_grid(brsf.feedback_direction.abs(), brsf.init_bound) == 0.0

@@ -359,3 +359,30 @@ def test_weight_mirrors_learn_w_for_every_convolution_type(make):
     # estimate divided by the wrong number of samples is off by their ratio).
     ratio = float(layer.feedback_weight.norm() / layer.weight.detach().norm())
     assert ratio == pytest.approx(1 - 0.95**60, abs=0.05)
+
+
+def test_a_transposed_conv_takes_output_size_on_every_path():
+    """Where the layer runs plain (no gradient recorded; nothing needs one; the exact-backprop pass
+    of alignment.measure) as where it runs through B: output_size, given by position or name."""
+    torch.manual_seed(0)
+    reference = nn.ConvTranspose2d(2, 3, 3, stride=2)
+    layer = fa.convert(copy.deepcopy(reference), rule="usf", scale="none", seed=0)
+    frozen = copy.deepcopy(layer).requires_grad_(False)
+    x = torch.randn(1, 2, 4, 4)
+    expected = reference(x, [10, 10])
+    assert expected.shape[-2:] == (10, 10)  # 9 without output padding
+
+    def exact(*args, **kwargs):
+        layer._exact_backprop = True
+        try:
+            return layer(x.detach().requires_grad_(), *args, **kwargs)
+        finally:
+            layer._exact_backprop = False
+    def no_grad(*args, **kwargs):
+        with torch.no_grad():
+            return layer(x, *args, **kwargs)
+    paths = {"through B": lambda *a, **k: layer(x.detach().requires_grad_(), *a, **k), "no gradient": no_grad,
+             "nothing needs a gradient": lambda *a, **k: frozen(x, *a, **k), "exact backprop": exact}
+    for path, forward in paths.items():
+        torch.testing.assert_close(forward([10, 10]), expected, msg=f"{path}, by position")
+        torch.testing.assert_close(forward(output_size=[10, 10]), expected, msg=f"{path}, by name")
