@@ -95,3 +95,26 @@ def test_refreshing_for_a_given_weight_makes_b_from_that_weight():
     assert torch.equal(torch.sign(layer.feedback_weight), torch.sign(other))
     layer.refresh_feedback_()
     assert torch.equal(torch.sign(layer.feedback_weight), torch.sign(layer.weight.detach()))
+
+
+def test_a_converted_layers_state_holds_b_and_its_streams_position_not_what_it_derives():
+    """What a checkpoint of each rule's layer holds: the stream's seed and position, B's direction
+    and gain; frsf its fixed magnitudes, fa its fixed direction's norm (one norm per step under
+    scaling), a constrained layer its norm target. The stream's key is derived from the seed and
+    the layer's name: not saved."""
+    base = {"weight", "bias", "feedback_seed", "feedback_draws"}
+    with_feedback = base | {"feedback_direction", "feedback_gain"}
+    special = {"bp": base, "fa": with_feedback | {"feedback_direction_norm"},
+               "frsf": with_feedback | {"feedback_magnitude"}}
+    for rule in fa.RULES:
+        layer = fa.convert(nn.Linear(3, 2), rule=rule, scale=scale_for(rule), seed=0)
+        assert set(layer.state_dict()) == special.get(rule, with_feedback), rule
+    constrained = fa.convert(nn.Linear(3, 2), rule="usf", scale="none", seed=0, constrain_weight_norm=True)
+    assert set(constrained.state_dict()) == with_feedback | {"weight_norm_target"}
+    with pytest.raises(ValueError) as error:
+        fa.convert(nn.Linear(3, 2), rule="kp", scale="match")
+    assert str(error.value) == "rule 'kp' takes scale 'none', not 'match': its B is learned"
+    from feedback_alignment.layers import from_module
+    with pytest.raises(ValueError) as error:  # a layer made alone checks it too
+        from_module(nn.Linear(3, 2), "head", "kp", "match", 0, False)
+    assert str(error.value) == "rule 'kp' takes scale 'none', not 'match': its B is learned"
