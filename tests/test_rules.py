@@ -314,3 +314,19 @@ def test_options_from_a_command_line_are_key_value_pairs():
     with pytest.raises(ValueError) as error:  # split at the first '='
         rule.parse_options(["decay==0.5"])
     assert str(error.value) == "rule 'wm' option 'decay' takes a number, not '=0.5'"
+
+
+def test_scale_errors_say_why_and_the_init_bound_of_tiny_layers():
+    from feedback_alignment.rules import check_scale, default_init_bound
+
+    with pytest.raises(ValueError) as error:
+        check_scale("big")
+    assert str(error.value) == f"unknown scale 'big'; choose one of {', '.join(fa.SCALES)}"
+    assert ", " in str(error.value) and len(fa.SCALES) > 1
+    with pytest.raises(ValueError) as error:
+        check_scale("match", fa.get_rule("dfa"))
+    assert str(error.value) == ("rule 'dfa' takes scale 'none', not 'match': its B is a map from the output "
+                                "error, not a mirror of W")
+    # 1 / sqrt(fan-in), as torch initialises W; a layer without inputs has no range to draw from.
+    assert default_init_bound(torch.empty(3, 1)) == 1.0 and default_init_bound(torch.empty(3, 4, 2, 2)) == 1 / 4
+    assert default_init_bound(torch.empty(3, 0)) == 0.0
