@@ -1,8 +1,15 @@
 """The tensor cache and its batches: digits, augmentation, exact resume (downloads: test_sources.py)."""
+import numpy as np
 import pytest
 import torch
 
 from feedback_alignment import data
+
+
+def unnormalized(num_classes: int, **splits) -> data.TensorData:
+    """A dataset held in memory whose batches are the images / 255 (mean 0, std 1): what a batch
+    holds shows which images it took and how they were cropped and flipped."""
+    return data.TensorData("t", "t", splits, num_classes, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
 
 
 def test_digits_cache_and_batches(tmp_path):
@@ -72,8 +79,7 @@ def test_center_crop_takes_the_middle_by_hand():
 def test_evaluation_batches_cover_each_image_once_in_order_and_split_among_ranks():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     labels = torch.arange(10)
-    loaded = data.TensorData("t", "t", {"train": (images, labels), "val": (images, labels)}, 10, torch.zeros(1, 1, 1, 1),
-                             torch.ones(1, 1, 1, 1))
+    loaded = unnormalized(10, train=(images, labels), val=(images, labels))
     assert [b[1].tolist() for b in data.batches(loaded, "val", 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [b[1].tolist() for b in data.batches(loaded, "val", 4, max_batches=2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     ranks = [[b[1].tolist() for b in data.batches(loaded, "val", 4, rank=r, world_size=2)] for r in (0, 1)]
@@ -121,7 +127,6 @@ def test_the_digits_splits_are_drawn_as_documented_and_the_record_says_what_it_h
     """Test images: the first 360 of a permutation drawn with the split seed; validation: the first
     180 of the rest's permutation drawn with the seed + 1 (so that the two draws are independent);
     train: the rest, in that order. Mean and std: of the training split only, in [0, 1]."""
-    import numpy as np
     from sklearn.datasets import load_digits
 
     data.prepare_digits(tmp_path / "d.pt", val_size=100, test_size=200, split_seed=7, name="my-digits")
@@ -158,7 +163,7 @@ def test_the_digits_splits_are_drawn_as_documented_and_the_record_says_what_it_h
 def test_an_epoch_serves_full_batches_of_its_own_rows_up_to_max_batches():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     labels = torch.arange(10)
-    loaded = data.TensorData("t", "t", {"train": (images, labels)}, 10, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    loaded = unnormalized(10, train=(images, labels))
 
     def labels_of(epoch):
         return [batch_labels.tolist() for _, batch_labels in epoch]
@@ -178,8 +183,6 @@ def test_an_epoch_serves_full_batches_of_its_own_rows_up_to_max_batches():
 
 
 def test_cache_splits_holds_out_validation_as_documented_and_records_what_it_was_given(tmp_path):
-    import numpy as np
-
     images = np.arange(10 * 2 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2, 2)
     labels = np.arange(10)
     test_images, test_labels = images[:3] + 1, np.array([7, 8, 9])
@@ -209,8 +212,6 @@ def test_cache_splits_holds_out_validation_as_documented_and_records_what_it_was
 
 
 def test_resizing_no_images_gives_no_images_of_the_new_size():
-    import numpy as np
-
     empty = data.resize(np.zeros((0, 3, 8, 8), np.uint8), 4)
     assert empty.shape == (0, 3, 4, 4) and empty.dtype == np.uint8
     white = data.resize(np.full((2, 1, 7, 7), 255, np.uint8), 3)  # a constant stays itself: no overshoot
@@ -232,8 +233,6 @@ class Payload:
 
 
 def test_a_cache_loads_per_channel_statistics_and_refuses_anything_but_tensors(tmp_path):
-    import numpy as np
-
     images = np.random.RandomState(0).randint(0, 256, (6, 3, 4, 4)).astype(np.uint8)
     data.cache_splits(tmp_path / "c.pt", "rgb", "rgb", images, np.arange(6), images[:2], np.arange(2), 6,
                       val_size=2, split_seed=0, image_size=None, source="s")
@@ -261,8 +260,7 @@ def test_a_crop_with_one_pixel_of_room_moves_and_one_without_draws_nothing():
 def test_training_batches_are_padded_cropped_and_flipped_as_asked():
     # Every pixel holds its column + 1 (0 only where padding was added); mean 0, std 1.
     images = (torch.arange(4, dtype=torch.uint8) + 1).expand(400, 1, 4, 4).contiguous()
-    loaded = data.TensorData("t", "t", {"train": (images, torch.zeros(400, dtype=torch.long))}, 1,
-                             torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    loaded = unnormalized(1, train=(images, torch.zeros(400, dtype=torch.long)))
 
     def first_batch(pad, flip):
         batch, _ = next(iter(data.EpochBatches(loaded, 400, torch.Generator().manual_seed(0), 4, pad, flip)))
