@@ -157,10 +157,21 @@ def test_feedback_weights_are_identical_on_every_rank(rule, feedback_on_each_ran
         assert torch.equal(zero[name], one[name]), name
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_as(monkeypatch, **variables: str) -> None:
+    """This process's environment as a launcher starts one rank: these variables, none other of
+    torchrun's (left over from the shell that runs the tests)."""
+    for key in LAUNCH_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path, monkeypatch):
     # As torchrun starts rank 0 of 2: refused before it joins a group (so in this process).
-    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
-        monkeypatch.setenv(key, value)
+    launched_as(monkeypatch, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
     status, stderr = cli("train", "--dataset", "digits", "--data", str(digits), "--out", str(tmp_path / "run"),
                          *FLAGS, "--batch-size", "33")
     assert (status, stderr.strip()) == (1, "train: --batch-size 33 does not divide among 2 processes")
@@ -196,12 +207,7 @@ def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(rank, l
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for key, value in dict(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
-    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in local.items():
-        monkeypatch.setenv(key, value)
+    launched_as(monkeypatch, WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **local)
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), str(1 - rank)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -226,7 +232,7 @@ def test_a_rank_joins_torchruns_group_and_sums_and_agrees_with_the_other(rank, l
 def test_one_process_is_a_world_of_one_that_asks_nothing_of_torch_distributed(monkeypatch):
     from feedback_alignment.distributed import check_device_usable, close_world, init_world
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    launched_as(monkeypatch)  # no launcher
     world, device = init_world("cuda:7", 33)  # neither the batch nor the device is checked here
     assert (world, device) == (World(), "cuda:7")
     assert (world.rank, world.size, world.local_rank, world.distributed, world.is_main) == (0, 1, 0, False, True)
