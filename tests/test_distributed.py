@@ -348,3 +348,47 @@ def test_processes_go_to_gpus_with_the_backend_that_takes_them():
     with pytest.raises(ValueError) as cpu:
         process_placement(False, 0, 2, 0, "nccl")
     assert str(cpu.value) == "--dist-backend nccl needs CUDA; on the CPU the processes use gloo"
+
+
+def test_a_rank_plans_its_device_and_backend_from_the_launcher_and_the_gpus_it_sees():
+    """What init_world decides before it joins a group, with the GPUs a process sees given as a
+    value: the choices ranks make on a GPU node, checked on a machine without one."""
+    from feedback_alignment.distributed import CudaSeen, plan_world
+    eight_gpus, one_gpu, no_cuda = CudaSeen(True, 8), CudaSeen(True, 1), CudaSeen(False, 0)
+    # Rank 11 of 16 is the 4th process of its 8-process node: its own GPU, over nccl.
+    node = dict(WORLD_SIZE="16", RANK="11", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8")
+    assert plan_world(node, "auto", 32, "auto", eight_gpus) == (World(11, 16, 3), "cuda:3", "nccl")
+    assert plan_world(node, "cuda", 32, "auto", eight_gpus) == (World(11, 16, 3), "cuda:3", "nccl")
+    assert plan_world(node, "cuda:0", 32, "gloo", eight_gpus) == (World(11, 16, 3), "cuda:3", "gloo")
+    assert plan_world(node, "cpu", 32, "auto", eight_gpus) == (World(11, 16, 3), "cpu", "gloo")
+    assert plan_world(node, "auto", 32, "auto", no_cuda) == (World(11, 16, 3), "cpu", "gloo")
+    # Eight processes on a one-GPU node share it over gloo; a launcher that names neither local
+    # rank nor local size (one process per node) gives the node's one GPU to its one process.
+    assert plan_world(node, "auto", 32, "auto", one_gpu) == (World(11, 16, 3), "cuda:0", "gloo")
+    assert plan_world(dict(WORLD_SIZE="2", RANK="1"), "auto", 32, "auto", one_gpu) == (World(1, 2, 0), "cuda:0", "nccl")
+    # One process keeps what it was given, checked later (resolve_device): no launcher, no plan.
+    assert plan_world({}, "cuda:7", 33, "auto", no_cuda) == (World(), "cuda:7", "auto")
+    refusals = {("cuda", 32, "auto", no_cuda): "--device cuda: CUDA is not usable in this process",
+                ("cuda:8", 32, "auto", eight_gpus): "--device cuda:8: this process sees 8 GPU(s)",
+                ("auto", 24, "auto", eight_gpus): "--batch-size 24 does not divide among 16 processes",
+                ("auto", 32, "nccl", one_gpu): "--dist-backend nccl: 8 processes share 1 GPU(s) on this node",
+                ("auto", 32, "nccl", no_cuda): "--dist-backend nccl needs CUDA"}
+    for (device, batch, backend, cuda), message in refusals.items():
+        with pytest.raises(ValueError) as error:
+            plan_world(node, device, batch, backend, cuda)
+        assert str(error.value).startswith(message), (device, batch, backend, cuda)
+
+
+def test_a_named_gpu_must_be_one_the_process_sees():
+    from feedback_alignment.distributed import CudaSeen, check_device_usable
+    for device in ("cpu", "auto"):
+        check_device_usable(device, CudaSeen(False, 0))  # nothing asked of CUDA
+    check_device_usable("cuda", CudaSeen(True, 1)), check_device_usable("cuda:1", CudaSeen(True, 2))
+    with pytest.raises(ValueError) as error:
+        check_device_usable("cuda:2", CudaSeen(True, 2))
+    assert str(error.value) == "--device cuda:2: this process sees 2 GPU(s)"
+    with pytest.raises(ValueError) as error:
+        check_device_usable("cuda:0", CudaSeen(False, 0))
+    assert str(error.value).startswith("--device cuda:0: CUDA is not usable in this process")
+    # Without a value: what this process sees, the same as torch's own answer.
+    assert CudaSeen.here() == CudaSeen(torch.cuda.is_available(), torch.cuda.device_count())

@@ -60,37 +60,58 @@ class World:
         return [total > 0 for total in self.sum([float(f) for f in flags], device)]
 
 
-def check_device_usable(device_name: str) -> None:
+@dataclass(frozen=True)
+class CudaSeen:
+    """What CUDA this process sees. The decisions below take it as a value, so that the choices a
+    rank makes on GPUs are the same function, and tested, on a machine without one."""
+    usable: bool
+    gpus: int
+
+    @classmethod
+    def here(cls) -> CudaSeen:
+        return cls(torch.cuda.is_available(), torch.cuda.device_count())
+
+
+def check_device_usable(device_name: str, cuda: CudaSeen | None = None) -> None:
     """A run asked for a GPU runs on it or stops here, in one line: never quietly on the CPU."""
     if not device_name.startswith("cuda"):
         return
-    if not torch.cuda.is_available():
+    cuda = cuda or CudaSeen.here()
+    if not cuda.usable:
         raise ValueError(f"--device {device_name}: CUDA is not usable in this process "
                          "(torch.cuda.is_available() is False: no GPU visible to it, or a CPU-only torch "
                          "build); a job given GPUs stops rather than train on the CPU")
     index = torch.device(device_name).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device_name}: this process sees {torch.cuda.device_count()} GPU(s)")
+    if index is not None and index >= cuda.gpus:
+        raise ValueError(f"--device {device_name}: this process sees {cuda.gpus} GPU(s)")
 
 
 def init_world(device_name: str, batch_size: int, backend: str = "auto") -> tuple[World, str]:
     """Join the process group that torchrun describes in the environment, if any; returns the
     world and the device name this rank should use."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    world, device_name, backend = plan_world(os.environ, device_name, batch_size, backend, CudaSeen.here())
+    if world.distributed:
+        if device_name.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device_name))
+        dist.init_process_group(backend)
+    return world, device_name
+
+
+def plan_world(environment, device_name: str, batch_size: int, backend: str,
+               cuda: CudaSeen) -> tuple[World, str, str]:
+    """(world, device, process-group backend) of the rank that the launcher's environment
+    describes, checked before it joins a group; one process (no launcher) keeps its device."""
+    size = int(environment.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World(), device_name
+        return World(), device_name, backend
     if batch_size % size:
         raise ValueError(f"--batch-size {batch_size} does not divide among {size} processes")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    check_device_usable(device_name)
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device_name, backend = process_placement(use_cuda, local_rank, local_size,
-                                             torch.cuda.device_count() if use_cuda else 0, backend)
-    if use_cuda:
-        torch.cuda.set_device(torch.device(device_name))
-    dist.init_process_group(backend)
-    return World(rank, size, local_rank), device_name
+    rank, local_rank = int(environment["RANK"]), int(environment.get("LOCAL_RANK", "0"))
+    check_device_usable(device_name, cuda)
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and cuda.usable)
+    local_size = int(environment.get("LOCAL_WORLD_SIZE", "1"))
+    device_name, backend = process_placement(use_cuda, local_rank, local_size, cuda.gpus if use_cuda else 0, backend)
+    return World(rank, size, local_rank), device_name, backend
 
 
 BACKENDS = ("auto", "nccl", "gloo")
