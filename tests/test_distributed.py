@@ -169,6 +169,14 @@ def launched_as(monkeypatch, **variables: str) -> None:
         monkeypatch.setenv(key, value)
 
 
+def test_a_rank_given_a_backend_it_cannot_use_is_refused_before_it_joins_a_group(monkeypatch):
+    from feedback_alignment.distributed import init_world
+    launched_as(monkeypatch, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
+    with pytest.raises(ValueError) as error:  # (on a GPU node two processes sharing one GPU say the same)
+        init_world("cpu", 32, "nccl")
+    assert str(error.value) == "--dist-backend nccl needs CUDA; on the CPU the processes use gloo"
+
+
 def test_a_batch_that_does_not_divide_among_processes_is_refused(digits, tmp_path, monkeypatch):
     # As torchrun starts rank 0 of 2: refused before it joins a group (so in this process).
     launched_as(monkeypatch, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
@@ -348,6 +356,9 @@ def test_processes_go_to_gpus_with_the_backend_that_takes_them():
     with pytest.raises(ValueError) as cpu:
         process_placement(False, 0, 2, 0, "nccl")
     assert str(cpu.value) == "--dist-backend nccl needs CUDA; on the CPU the processes use gloo"
+    with pytest.raises(ValueError) as unknown:
+        process_placement(True, 0, 1, 1, "mpi")
+    assert str(unknown.value) == "--dist-backend mpi: not one of auto, nccl, gloo"
 
 
 def test_a_rank_plans_its_device_and_backend_from_the_launcher_and_the_gpus_it_sees():

@@ -110,7 +110,7 @@ def plan_world(environment, device_name: str, batch_size: int, backend: str,
     check_device_usable(device_name, cuda)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and cuda.usable)
     local_size = int(environment.get("LOCAL_WORLD_SIZE", "1"))
-    device_name, backend = process_placement(use_cuda, local_rank, local_size, cuda.gpus if use_cuda else 0, backend)
+    device_name, backend = process_placement(use_cuda, local_rank, local_size, cuda.gpus, backend)
     return World(rank, size, local_rank), device_name, backend
 
 
@@ -122,6 +122,8 @@ def process_placement(use_cuda: bool, local_rank: int, local_size: int, gpus: in
     """(device, process-group backend) of a node's local_rank-th of local_size processes: on the
     CPU gloo; on GPUs the GPU local_rank mod gpus, with nccl when every process has a GPU of its
     own and gloo when processes share one (nccl refuses two ranks on one GPU)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--dist-backend {backend}: not one of {', '.join(BACKENDS)}")
     if not use_cuda:
         if backend == "nccl":
             raise ValueError("--dist-backend nccl needs CUDA; on the CPU the processes use gloo")
