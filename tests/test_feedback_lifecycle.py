@@ -171,20 +171,25 @@ def _expected_usf_match(weight):
     return signs * (weight.norm() / signs.norm())
 
 
-@pytest.mark.parametrize("make", ["spectral_norm", "weight_norm_parametrization", "spectral_norm_parametrization",
-                                  "prune"])
-def test_weights_made_by_hooks_and_parametrizations_get_their_own_forwards_feedback(make):
+MADE_DURING_THE_FORWARD = ["spectral_norm", "weight_norm_parametrization", "spectral_norm_parametrization", "prune"]
+
+
+def _conv_whose_weight_is_made_by(make: str) -> nn.Conv2d:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3)
     if make == "spectral_norm":
-        conv = torch.nn.utils.spectral_norm(conv)  # W remade by a forward pre-hook, from W_orig
-    elif make == "weight_norm_parametrization":
-        conv = parametrizations.weight_norm(conv)
-    elif make == "spectral_norm_parametrization":
-        conv = parametrizations.spectral_norm(conv)
-    else:
-        prune.l1_unstructured(conv, "weight", amount=0.5)
-    model = fa.convert(nn.Sequential(conv, nn.ReLU()), rule="usf", scale="match")
+        return torch.nn.utils.spectral_norm(conv)  # W remade by a forward pre-hook, from W_orig
+    if make == "weight_norm_parametrization":
+        return parametrizations.weight_norm(conv)
+    if make == "spectral_norm_parametrization":
+        return parametrizations.spectral_norm(conv)
+    prune.l1_unstructured(conv, "weight", amount=0.5)
+    return conv
+
+
+@pytest.mark.parametrize("make", MADE_DURING_THE_FORWARD)
+def test_weights_made_by_hooks_and_parametrizations_get_their_own_forwards_feedback(make):
+    model = fa.convert(nn.Sequential(_conv_whose_weight_is_made_by(make), nn.ReLU()), rule="usf", scale="match")
     layer = model[0]
     assert isinstance(layer, fa.FeedbackConv2d) and isinstance(layer, nn.Conv2d)
     used = []
@@ -203,6 +208,19 @@ def test_weights_made_by_hooks_and_parametrizations_get_their_own_forwards_feedb
                 p.add_(torch.randn_like(p))
     if make == "prune":
         assert (layer.feedback_direction == 0).sum() >= layer.weight.numel() // 2
+
+
+@pytest.mark.parametrize("make", MADE_DURING_THE_FORWARD)
+def test_a_weight_made_during_the_forward_gets_one_brsf_draw_per_forward(make):
+    # Such a layer refreshes B in its own forward, from that forward's W; the model's pre-hook
+    # leaves it alone (had both refreshed it, brsf would draw twice per step).
+    model = fa.convert(nn.Sequential(_conv_whose_weight_is_made_by(make), nn.ReLU()), rule="brsf", scale="match")
+    layer = model[0]
+    assert not layer.refreshes_ahead()
+    drawn = int(layer.feedback_draws)
+    for forward in range(1, 4):
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        assert int(layer.feedback_draws) == drawn + forward, forward
 
 
 def test_a_weight_norm_constraint_on_a_parametrized_weight_is_refused():
@@ -227,16 +245,49 @@ def _steps(model, optimizer, steps=3):
 
 
 def test_kp_warns_once_when_no_optimizer_steps_its_feedback():
+    import linecache
+
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)  # built before convert
     model = fa.convert(model, rule="kp")
     with pytest.warns(RuntimeWarning, match="build the optimizer after fa.convert") as caught:
         _steps(model, optimizer)
-    assert sum("build the optimizer" in str(w.message) for w in caught) == 1
+    [warning] = [w for w in caught if "build the optimizer" in str(w.message)]
+    assert str(warning.message) == ("kp layer '0': W moved but its B did not; a learned B learns only if the optimizer "
+                                    "steps it too: build the optimizer after fa.convert")
+    # It points at the user's line that called the model (in _steps), not into torch or this package.
+    assert warning.filename == __file__ and "model(torch.randn" in linecache.getline(__file__, warning.lineno)
     model = fa.convert(_mlp(), rule="kp")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _steps(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+
+
+@pytest.mark.parametrize("offset", [-2, -1, 0, 1, 2])
+def test_kps_unstepped_warning_reads_w_and_b_apart_whatever_their_counts_of_writes(offset):
+    """Tensors count their in-place writes; the check compares W's count with W's and B's with
+    B's. Writes made before (an init, a copy) put B's count `offset` ahead of W's: the verdict
+    stays the same."""
+    model = fa.convert(_mlp(), rule="kp")
+    layer = model[0]
+    with torch.no_grad():
+        while layer.feedback_direction._version - layer.weight._version < offset:
+            layer.feedback_direction.mul_(1.0)
+        while layer.feedback_direction._version - layer.weight._version > offset:
+            layer.weight.mul_(1.0)
+    x, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # gradient accumulation: two forwards, nothing stepped between them
+            F.cross_entropy(model(x), labels).backward()
+        for _ in range(2):  # W and B stepped together between forwards, as a right optimizer does
+            with torch.no_grad():
+                layer.weight.add_(0.01), layer.feedback_direction.add_(0.01)
+            F.cross_entropy(model(x), labels).backward()
+    with pytest.warns(RuntimeWarning, match="kp layer '0': W moved but its B did not"):
+        with torch.no_grad():
+            layer.weight.add_(0.01)  # W alone: a step of an optimizer built without B
+        model(x)
 
 
 @pytest.mark.parametrize("optimizer, warns", [

@@ -24,6 +24,8 @@ dfa's layers use the Function of direct.py instead.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 
@@ -35,6 +37,20 @@ from . import draws, refresh, regularizers
 from .direct import DirectFeedbackFunction, DirectFeedbackSource
 from .functions import ConvArgs, FeedbackConvFunction, FeedbackLinearFunction, saved_tensors_alive
 from .rules import Rule, check_scale, default_init_bound, get_rule
+
+
+# Code a warning given during a model's forward is not about: torch's module machinery and this package.
+_LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (torch.__file__, __file__))
+
+
+def stacklevel_of_caller() -> int:
+    """warnings.warn's stacklevel, from the function that gives the warning, of the nearest frame
+    outside torch and this package: the user's line that called the model, however many
+    containers the call went through."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def frobenius_norm(tensor: Tensor) -> Tensor:
@@ -303,7 +319,7 @@ class FeedbackLayer:
         warned.add("kp-unstepped")
         warnings.warn(f"{self.rule.name} layer {self.layer_name!r}: W moved but its B did not; a learned B "
                       "learns only if the optimizer steps it too: build the optimizer after fa.convert",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=stacklevel_of_caller())
 
     @property
     def _warnings(self) -> set:
