@@ -165,6 +165,30 @@ def test_a_models_refresh_together_equals_each_layer_alone(rule, fused_kernel):
         assert int(a.feedback_draws) == int(b.feedback_draws) == int(a._draw_count)
 
 
+def test_layers_of_different_kinds_in_one_model_are_refreshed_each_by_its_own_rule(fused_kernel):
+    """Parts converted apart (usf with a matched gain, brsf without, frsf under the weight-norm
+    constraint) in one model: the model's refresh groups layers by kind, and each is refreshed
+    as it would be alone."""
+    def parts():
+        torch.manual_seed(0)
+        return [fa.convert(nn.Sequential(nn.Conv2d(3, 40, 3), nn.Conv2d(40, 30, 3)), rule=rule, scale=scale, seed=3,
+                           constrain_weight_norm=constrain)
+                for rule, scale, constrain in (("usf", "match", False), ("brsf", "none", False), ("frsf", "match", True))]
+    together, alone = nn.Sequential(*parts()), parts()
+    for model in (together, *alone):
+        for parameter in model.parameters():
+            parameter.data.mul_(1.5)
+    refresh_ahead_of_forward(together, ())
+    for part in alone:
+        refresh_ahead_of_forward(part, ())
+    layers = [layer for part in alone for _, layer in fa.feedback_layers(part)]
+    assert len(layers) == len(fa.feedback_layers(together)) == 6
+    for (name, a), b in zip(fa.feedback_layers(together), layers):
+        assert a.rule.name == b.rule.name and torch.equal(a.weight, b.weight), name
+        assert torch.equal(a.feedback_direction, b.feedback_direction), name
+        assert torch.equal(a.feedback_gain, b.feedback_gain) and int(a.feedback_draws) == int(b.feedback_draws), name
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_brsfs_b_is_the_layers_next_levels_times_the_sign_of_w(channels_last, fused_kernel):
     # B = sign(W) (2k + 1) bound / 2^17 with k the levels of the layer's next draw, from the
