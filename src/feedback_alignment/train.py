@@ -161,6 +161,10 @@ class Training:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
+    @property
+    def total_steps(self) -> int:
+        return self.args.epochs * self.loaders.train_batches_per_epoch()
+
 
 def run(args) -> dict:
     if args.threads:
@@ -189,7 +193,7 @@ def _run(args, world: World, device_name: str, tuning_runs: list[str]) -> dict:
                   f"batch {t.state.batches['next'] if t.state.batches else 0}", file=sys.stderr)
     if t.probe is not None and t.state.step == 0 and not t.state.alignment:
         measure_alignment(t, 0)  # at initialization
-    total = args.epochs * t.loaders.train_batches_per_epoch()
+    total = t.total_steps
     diverged_at = None
     with tqdm(total=total, initial=min(t.state.step, total), desc=f"{args.rule} seed {args.seed}",
               file=sys.stderr, mininterval=5.0, unit="batch", disable=not world.is_main) as progress:
@@ -288,7 +292,7 @@ def train_epoch(t: Training, progress) -> dict | None:
                                 wrong=torch.zeros((), device=t.device, dtype=torch.int64),
                                 first_bad_step=torch.full((), -1, device=t.device), seen=0)
     t.model.train()
-    total_steps = args.epochs * t.loaders.train_batches_per_epoch()
+    total_steps = t.total_steps
     # Only a rule option on a schedule reads the progress: other models skip the walk over layers.
     needs_progress = any(layer.needs_progress for _, layer in feedback_layers(t.model))
     start = time.perf_counter()
