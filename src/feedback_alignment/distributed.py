@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def init_world(device_name: str, batch_size: int, backend: str = "auto") -> tupl
     return world, device_name
 
 
-def plan_world(environment, device_name: str, batch_size: int, backend: str,
+def plan_world(environment: Mapping[str, str], device_name: str, batch_size: int, backend: str,
                cuda: CudaSeen) -> tuple[World, str, str]:
     """(world, device, process-group backend) of the rank that the launcher's environment
     describes, checked before it joins a group; one process (no launcher) keeps its device."""
