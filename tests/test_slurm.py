@@ -25,7 +25,7 @@ STUDY = dict(
     training={"epochs": 2, "batch_size": 32, "lr": 0.05, "max_batches": 3, "alignment_every": 2},
     variants={"matched": {"scale": "match"}},
     grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["usf"], "variants": ["matched"]}],
-    seeds=[0, 1],
+    seeds=[0],
 )
 
 
@@ -61,18 +61,19 @@ def _running_jobs(env) -> dict[str, str]:
     return dict(line.split() for line in out.stdout.splitlines())
 
 
-@pytest.mark.slow(seconds=80)
+@pytest.mark.slow(seconds=60)
 def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slurm, tmp_path, monkeypatch):
-    """Two seeds' training jobs go to SLURM; one gets SIGUSR1, as the profile's time-limit warning
-    sends it (a preemption's SIGTERM was checked the same way): that run checkpoints and fails,
-    Snakemake's retry (the profile's `retries: 1`) resumes it, and it ends with an uninterrupted
-    run's metrics; the other runs through, and the study ends with its summary. (One Snakemake run
-    for both: each SLURM round trip waits on the plugin's status checks.)"""
+    """The training job goes to SLURM and gets SIGUSR1, as the profile's time-limit warning sends
+    it (a preemption's SIGTERM was checked the same way): the run checkpoints and fails,
+    Snakemake's retry (the profile's `retries: 1`) resumes it as a second job, it ends with an
+    uninterrupted run's metrics, and the study ends with its summary. (One seed: each SLURM round
+    trip waits on the plugin's status checks, and a second seed's job, run through, made the first
+    round last until it ended: about 30 s under the suite's load instead of the preempted job's 10.)"""
     training = {key: value for key, value in STUDY["training"].items() if key != "max_batches"}
     # 6 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists (looked
     # for every 0.05 s), finds the job training (the alignment probe every 10 steps, not 2: it was
-    # most of the step's time). No longer: a job here takes 12 to 14 s, most of it Snakemake's and
-    # Python's starts. The plugin checks the jobs' status N, 2N + 10 and 3N + 30 s after submitting
+    # most of the step's time). No longer: the resumed job takes 12 to 14 s here (20 under load),
+    # most of it Snakemake's and Python's starts. The plugin checks the jobs' status N, 2N + 10 and 3N + 30 s after submitting
     # them (N: --slurm-init-seconds-before-status-checks) and again N s after a check that saw one
     # end: with N = 5, checks at 5, 20 and 45 s see a job end at 20 (with N = 1, at 1, 12 and 33 s,
     # at 33: 26 s more per round trip, and the preemption makes two).
@@ -87,8 +88,7 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
                "--slurm-init-seconds-before-status-checks", "5", "--jobs", "4",
                # Up to the summary: the figures are a local job like the summary, drawn in test_workflow's studies.
                "results/tiny/summary.csv"]
-    runs = tmp_path / "results/tiny/runs/digits/net/usf-matched"
-    preempted = runs / "seed0"
+    preempted = tmp_path / "results/tiny/runs/digits/net/usf-matched/seed0"
     workflow = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     try:
@@ -106,16 +106,13 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
         if workflow.poll() is None:
             workflow.kill()
     assert workflow.returncode == 0, log[-4000:]
-    # Training (with its evaluation) went to SLURM as jobs: two seeds and seed 0's retry; nothing
-    # asked for a GPU (the study has none).
-    assert log.count("has been submitted with SLURM jobid") == 3, log[-4000:]
+    # Training (with its evaluation) went to SLURM as jobs: the run and its retry.
+    assert log.count("has been submitted with SLURM jobid") == 2, log[-4000:]
     assert "rule_train" in log
     summary = pd.read_csv(tmp_path / "results" / "tiny" / "summary.csv")
-    assert list(summary["n_seeds"]) == [2] and summary["test_error_mean"].between(0, 100).all()
-    for seed in (0, 1):
-        assert (runs / f"seed{seed}" / "evaluation.json").is_file() and (runs / f"seed{seed}" / "result.json").is_file()
+    assert list(summary["n_seeds"]) == [1] and summary["test_error_mean"].between(0, 100).all()
+    assert (preempted / "evaluation.json").is_file() and (preempted / "result.json").is_file()
     assert "resuming from" in (preempted / "train.log").read_text()
-    assert "resuming from" not in (runs / "seed1" / "train.log").read_text()
     # The same training, uninterrupted, straight through the CLI with the job's own command line.
     line = next(l for l in log.splitlines() if "feedback_alignment train " in l and "--seed 0 " in l)
     flags = line.split("feedback_alignment train ", 1)[1].split(" --out ")[0].split()
