@@ -43,7 +43,7 @@ from .rules import Rule, check_scale, default_init_bound, get_rule
 _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (torch.__file__, __file__))
 
 
-def stacklevel_of_caller() -> int:
+def stacklevel_of_caller() -> int:  # pragma: no mutate block (mutmut's trampolines would be the caller)
     """warnings.warn's stacklevel, from the function that gives the warning, of the nearest frame
     outside torch and this package: the user's line that called the model, however many
     containers the call went through."""
