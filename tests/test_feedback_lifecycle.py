@@ -225,9 +225,19 @@ def test_a_weight_made_during_the_forward_gets_one_brsf_draw_per_forward(make):
 
 def test_a_weight_norm_constraint_on_a_parametrized_weight_is_refused():
     conv = parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match=r"module '0': constrain_weight_norm needs W as a Parameter"):
+    with pytest.raises(ValueError) as error:
         fa.convert(nn.Sequential(conv), rule="fa", constrain_weight_norm=True)
+    assert str(error.value) == ("module '0': constrain_weight_norm needs W as a Parameter of its own; this layer's W "
+                                "is made by a parametrization or hook")
     assert parametrize.is_parametrized(conv)
+
+
+def test_a_module_without_a_feedback_layer_is_refused_by_name():
+    from feedback_alignment.layers import from_module
+
+    with pytest.raises(TypeError) as error:
+        from_module(nn.Bilinear(2, 2, 3), "head.mix", "fa", "none", 0, False)
+    assert str(error.value) == "module 'head.mix': fa.convert does not convert Bilinear"
 
 
 # -- Kolen-Pollack and its optimizer ----------------------------------------------------------
