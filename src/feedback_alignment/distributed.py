@@ -90,7 +90,7 @@ def check_device_usable(device_name: str, cuda: CudaSeen | None = None) -> None:
 def init_world(device_name: str, batch_size: int, backend: str = "auto") -> tuple[World, str]:
     """Join the process group that torchrun describes in the environment, if any; returns the
     world and the device name this rank should use."""
-    world, device_name, backend = plan_world(os.environ, device_name, batch_size, backend, CudaSeen.here())
+    world, device_name, backend = plan_world(os.environ, device_name, batch_size, backend)
     if world.distributed:
         if device_name.startswith("cuda"):
             torch.cuda.set_device(torch.device(device_name))
@@ -99,15 +99,17 @@ def init_world(device_name: str, batch_size: int, backend: str = "auto") -> tupl
 
 
 def plan_world(environment: Mapping[str, str], device_name: str, batch_size: int, backend: str,
-               cuda: CudaSeen) -> tuple[World, str, str]:
+               cuda: CudaSeen | None = None) -> tuple[World, str, str]:
     """(world, device, process-group backend) of the rank that the launcher's environment
-    describes, checked before it joins a group; one process (no launcher) keeps its device."""
+    describes, checked before it joins a group; one process (no launcher) keeps its device, and
+    CUDA is asked nothing (`cuda`: what this process sees, by default torch's answer)."""
     size = int(environment.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device_name, backend
     if batch_size % size:
         raise ValueError(f"--batch-size {batch_size} does not divide among {size} processes")
     rank, local_rank = int(environment["RANK"]), int(environment.get("LOCAL_RANK", "0"))
+    cuda = cuda or CudaSeen.here()
     check_device_usable(device_name, cuda)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and cuda.usable)
     local_size = int(environment.get("LOCAL_WORLD_SIZE", "1"))
