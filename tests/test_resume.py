@@ -1,8 +1,10 @@
 """Runs survive kills and preemption; a checkpoint of another config is refused; divergence is a result."""
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -44,6 +46,33 @@ def interrupt_after_first_epoch(command, out, signum, extra_wait=0.0):
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr
+
+
+def interrupt_here_after_first_epoch(argv, out, signum=signal.SIGTERM, extra_wait=0.05):
+    """The train command run in this process (`cli`) and sent `signum` once its first epoch's
+    checkpoint exists, as interrupt_after_first_epoch sends it to a process: for the tests of what
+    a resume restores, without a process's start. (The signal's path through a real process,
+    its exit status and message are the tests above.) A signal that arrives after the run has
+    ended finds this test's no-op handler, which `cli` puts back, and the run counts as not
+    interrupted. Returns (exit status, stderr)."""
+    finished = threading.Event()
+
+    def send():
+        while not (out / "checkpoint.pt").exists():
+            if finished.wait(0.005):
+                return
+        time.sleep(extra_wait)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.signal(signum, lambda *_: None)
+    watcher = threading.Thread(target=send)
+    watcher.start()
+    try:
+        return cli("train", *argv)
+    finally:
+        finished.set()
+        watcher.join()
+        signal.signal(signum, previous)
 
 
 def assert_same_run(resumed, straight):
@@ -205,8 +234,8 @@ def test_learned_and_direct_feedback_resume_exactly(rule, options, digits, tmp_p
     flags = ("--rule", rule, "--scale", "none", "--epochs", "3", "--lr-milestones", "2", *options)
     straight, out = tmp_path / "straight", tmp_path / "run"
     cli_ok("train", *train_flags(digits, straight, *flags))
-    returncode, stderr = interrupt_after_first_epoch(train_command(digits, out, *flags), out, signal.SIGTERM, 0.05)
-    assert returncode == 1, stderr[-2000:]
+    status, stderr = interrupt_here_after_first_epoch(train_flags(digits, out, *flags), out)
+    assert status == 1 and "train: SIGTERM at epoch" in stderr, stderr[-2000:]
     cli_ok("train", *train_flags(digits, out, *flags))
     assert_same_run(out, straight)
 
@@ -216,7 +245,8 @@ def test_checkpoints_load_to_the_cpu_so_rng_states_restore_on_any_device(digits,
     refuses them: every tensor of a loaded checkpoint must be on the CPU, whatever the run's device."""
     from feedback_alignment.checkpoint import load_checkpoint, rng_states, set_rng_states
     out = tmp_path / "run"
-    code, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM)
+    status, stderr = interrupt_here_after_first_epoch(train_flags(digits, out), out, extra_wait=0)
+    assert status == 1, stderr[-2000:]
     checkpoint = load_checkpoint(out / "checkpoint.pt")
 
     def tensors(value):
@@ -233,3 +263,26 @@ def test_checkpoints_load_to_the_cpu_so_rng_states_restore_on_any_device(digits,
     assert devices == {"cpu"}
     set_rng_states(checkpoint["rng"], torch.device("cpu"))
     assert torch.equal(rng_states(torch.device("cpu"))["torch"], checkpoint["rng"]["torch"])
+
+
+def test_a_resumed_run_continues_the_random_stream_dropout_draws_from(tmp_path):
+    """torchvision's VGG, AlexNet and MobileNets draw their dropout masks from torch's global
+    generator: resume must put back the state the checkpoint saved. (The runs above pass without
+    it: their models and data draw from generators of their own.)"""
+    from feedback_alignment.checkpoint import TrainState, resume, save_checkpoint
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    config, path, x = {"seed": 0}, tmp_path / "checkpoint.pt", torch.ones(16, 8)
+    model, optimizer = fresh()
+    model(x).sum().backward()
+    optimizer.step()
+    save_checkpoint(path, config, model, optimizer, torch.device("cpu"), TrainState())
+    following = model(x)  # the next step's output: a mask drawn from the saved state
+    resumed, resumed_optimizer = fresh()
+    torch.manual_seed(1)  # a new process's generator is elsewhere
+    resume(path, config, resumed, resumed_optimizer, torch.device("cpu"))
+    assert torch.equal(resumed(x), following)
