@@ -33,6 +33,16 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject): a worker per core and one more. The SLURM test's worker spends most
+    of its minute waiting for the scheduler's status checks (tests/test_slurm.py), and with a
+    worker per core one core idled meanwhile: on 2 cores the suite took 3 min 57 s with 2 workers
+    and 3 min 36 s with 3 (TESTING.md). PYTEST_XDIST_AUTO_NUM_WORKERS still decides where set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own hook reads it
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow tests first, the longest of them (slow(seconds=...), measured on 2 cores) first of
     all: pytest-xdist hands tests out one at a time (pyproject's --maxschedchunk 1) to the worker
@@ -67,6 +77,32 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600)
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
     process = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check and process.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+    return process
+
+
+def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`snakemake`, the same command line through Snakemake's own CLI entry point, run in this
+    process: for what runs no job (plans, --lint, --report, configs Snakemake must refuse), without
+    the 3 to 4 s of a process's start and of torch's import that the Snakefile's parse needs.
+    Studies that train run as processes (`snakemake`), as the README's command does. Put back afterwards: the working directory, sys.path
+    (Snakemake adds the workflow's folders) and SIGTERM's handler (its scheduler's)."""
+    from snakemake.cli import main
+
+    argv = ["--snakefile", str(REPO / "Snakefile"), *args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    path, sigterm = list(sys.path), signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.chdir(workdir), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(argv)
+        returncode = 0  # (main always exits)
+    except SystemExit as exit_:
+        returncode = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.path[:] = path
+        signal.signal(signal.SIGTERM, sigterm)
+    process = subprocess.CompletedProcess(["snakemake", *argv], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
 

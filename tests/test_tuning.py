@@ -1,12 +1,11 @@
-"""Tuning: selection on validation error, paired comparisons against backprop, and the two-stage
-workflow (tuning runs, then the study's seeds at the selected point, reusing matching runs)."""
-import json
+"""Tuning: selection on validation error and paired comparisons against backprop. The two-stage
+workflow (tuning runs, then the study's seeds at the selected point, reusing matching runs) runs
+in tests/test_workflow.py::test_a_tuned_study_end_to_end."""
 import math
 
 import pandas as pd
 import pytest
 
-from conftest import TINY, snakemake
 from feedback_alignment.summarize import compare_to_backprop
 from feedback_alignment.tuning import tuning_table
 
@@ -61,42 +60,3 @@ def test_one_pair_has_a_difference_but_no_interval():
                          for r, e in (("bp", 1.0), ("fa", 3.0))])
     row = compare_to_backprop(runs).iloc[0]
     assert row.n_pairs == 1 and row.diff_mean == 2.0 and math.isnan(row.ci_low) and math.isnan(row.p_value)
-
-
-@pytest.mark.slow(seconds=65)
-def test_a_tuned_study_selects_then_reuses_matching_tuning_runs_and_resumes(tmp_path):
-    from test_workflow import write_config
-
-    config = json.loads(json.dumps(TINY))
-    config["grid"] = [{"datasets": ["digits"], "archs": ["net"], "rules": ["bp", "usf"], "variants": ["raw"]}]
-    config["tuning"] = {"seeds": [0], "sweep": {"lr": [0.02, 0.2]}}
-    write_config(tmp_path, config)
-    results = tmp_path / "results" / "tiny"
-    # A tuning stage stopped after one run continues where it stopped.
-    first = results / "tuning/digits/net/bp-raw/lr=0.02/seed0/result.json"
-    snakemake(tmp_path, "--cores", "2", str(first.relative_to(tmp_path)))
-    stamp = first.stat().st_mtime_ns
-    rest = snakemake(tmp_path, "--cores", "2")
-    assert rest.stdout.count("rule train_tuning:") + rest.stderr.count("rule train_tuning:") == 3
-    assert first.stat().st_mtime_ns == stamp
-    tuning = pd.read_csv(results / "tuning.csv")
-    assert list(tuning.columns) == ["dataset", "arch", "rule", "variant", "lr", "n_seeds", "val_error_mean",
-                                    "val_error_std", "selected"]
-    summary = pd.read_csv(results / "summary.csv").set_index("rule")
-    for rule in ("bp", "usf"):
-        rows = tuning[tuning.rule == rule]
-        chosen = rows.loc[rows.val_error_mean.idxmin()]
-        assert chosen.selected and rows.selected.sum() == 1
-        assert summary.loc[rule, "selected"] == f"lr={chosen.lr}"
-        run = results / "runs/digits/net" / f"{rule}-raw"
-        reused, trained = (json.loads((run / f"seed{s}" / "result.json").read_text()) for s in (0, 1))
-        # Seed 0 is the tuning run at the selected point (not trained again), seed 1 trains there.
-        tuning_run = results / f"tuning/digits/net/{rule}-raw/lr={chosen.lr}/seed0"
-        assert reused["reused_from"] == str(tuning_run.relative_to(tmp_path))
-        assert not (run / "seed0" / "checkpoint.pt").exists() and (run / "seed1" / "checkpoint.pt").exists()
-        assert reused["best_val_error"] == json.loads((tuning_run / "result.json").read_text())["best_val_error"]
-        assert (run / "seed0" / "best.pt").read_bytes() == (tuning_run / "best.pt").read_bytes()
-        assert trained["config"]["lr"] == chosen.lr and "reused_from" not in trained
-    comparisons = pd.read_csv(results / "comparisons.csv")
-    assert list(comparisons.rule) == ["usf"] and comparisons.n_pairs.iloc[0] == 2
-    assert (results / "figures" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
