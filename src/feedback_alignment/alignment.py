@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from .layers import FeedbackLayer
+
+if TYPE_CHECKING:  # imported where used: this package's import (every Snakemake start) skips pandas
+    import pandas as pd
 
 
 def angle_degrees(a: Tensor, b: Tensor) -> float:
@@ -155,4 +158,6 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn=nn.functi
             angle_signal=angle_degrees(signal, signal_bp) if signal is not None and signal_bp is not None
             else math.nan,
             grad_norm=float(grad.double().norm()), grad_norm_bp=float(grad_bp.double().norm())))
+    import pandas as pd
+
     return pd.DataFrame(rows)

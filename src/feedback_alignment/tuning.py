@@ -18,14 +18,16 @@ import math
 import shutil
 import sys
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .checkpoint import semantic_config
 from .provenance import write_json
 
 RULE_OPTION = "rule_options."  # a sweep key naming a rule's option: rule_options.NAME
 REUSED_FILES = ("history.csv", "alignment.csv", "best.pt")
+
+if TYPE_CHECKING:  # imported where used: the study's check (every Snakemake start) skips pandas
+    import pandas as pd
 
 
 def point_label(items) -> str:
@@ -70,6 +72,8 @@ def select(result_paths: list[Path]) -> dict:
         rows.append(dict(point=point, seed=result["config"]["seed"], val_error=result["best_val_error"],
                          run=str(path.parent)))
         configs.setdefault(point, result["config"])
+    import pandas as pd
+
     scores = pd.DataFrame(rows)
     table = tuning_table(scores)
     point = table.loc[table["selected"], "point"].iloc[0]
