@@ -2,6 +2,7 @@ import contextlib
 import copy
 import fcntl
 import functools
+import hashlib
 import http.server
 import importlib
 import io
@@ -79,6 +80,25 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600)
     if check and process.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
+
+
+def place_prepared_data(tmp_path_factory, workdir: Path, config: dict, dataset: str = "digits") -> None:
+    """The file the study's prepare job would write for `dataset` (the prepare command with the
+    flags the study gives it, run once per test session), put where the workflow looks for it, so
+    that Snakemake finds it up to date: for the Snakemake tests whose subject is not the data
+    (SLURM's round trips, torchrun's launch), about 4 s of a core each. The studies of
+    test_workflow prepare their own."""
+    import shlex
+
+    from feedback_alignment.study import Study
+
+    study = Study(copy.deepcopy(config))
+    flags = shlex.split(study.prepare_flags(dataset))
+    name = "prepared-" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    target = workdir / study.data_file(dataset)
+    folder = computed_once(tmp_path_factory, name, lambda out: cli_ok("prepare", "--out", str(out / target.name), *flags))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / target.name, target)
 
 
 def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -211,7 +211,8 @@ def test_a_checkpoint_of_the_old_format_is_refused_naming_the_change(digits, tmp
     """A checkpoint written before TrainState (format 1: no 'format' key, the state a plain dict)
     is refused in one line that says what changed, and the run's files stay as they were."""
     out = tmp_path / "run"
-    code, _ = interrupt_after_first_epoch(train_command(digits, out), out, signal.SIGTERM)
+    status, stderr = interrupt_here_after_first_epoch(train_flags(digits, out), out, extra_wait=0)
+    assert status == 1, stderr[-2000:]
     path = out / "checkpoint.pt"
     old = torch.load(path, weights_only=True)
     del old["format"]

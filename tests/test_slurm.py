@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, cli_ok
+from conftest import REPO, cli_ok, place_prepared_data
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 
@@ -62,7 +62,8 @@ def _running_jobs(env) -> dict[str, str]:
 
 
 @pytest.mark.slow(seconds=60)
-def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slurm, tmp_path, monkeypatch):
+def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slurm, tmp_path, tmp_path_factory,
+                                                                           monkeypatch):
     """The training job goes to SLURM and gets SIGUSR1, as the profile's time-limit warning sends
     it (a preemption's SIGTERM was checked the same way): the run checkpoints and fails,
     Snakemake's retry (the profile's `retries: 1`) resumes it as a second job, it ends with an
@@ -80,6 +81,7 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
     study = dict(STUDY, training=dict(training, epochs=6, alignment_every=10))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
+    place_prepared_data(tmp_path_factory, tmp_path, study)  # (the data's preparation: test_workflow's studies)
     env = {**os.environ, "SLURM_CONF": str(slurm / "slurm.conf")}
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", "config/config.yaml",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, cli, snakemake, snakemake_here
+from conftest import REPO, TINY, cli, place_prepared_data, snakemake, snakemake_here
 from feedback_alignment import data
 from feedback_alignment.evaluate import evaluate_run
 from test_sources import image_folder, serve_mnist
@@ -222,12 +222,13 @@ def test_imagenet_config_plans_given_a_folder(tmp_path):
 
 
 @pytest.mark.slow(seconds=18)
-def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path):
+def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path, tmp_path_factory):
     # On this CPU machine the two processes use gloo: the same launch path as on a GPU node.
     config = dict(TINY, resources={"gpus": 2, "threads": 2, "device": "cpu"},
                   grid=[{"datasets": ["digits"], "archs": ["net"], "rules": ["brsf"], "variants": ["matched"]}],
                   seeds=[0])
     write_config(tmp_path, config)
+    place_prepared_data(tmp_path_factory, tmp_path, config)
     snakemake(tmp_path, "--cores", "2", "results/tiny/runs/digits/net/brsf-matched/seed0/evaluation.json")
     run = tmp_path / "results/tiny/runs/digits/net/brsf-matched/seed0"
     result = json.loads((run / "result.json").read_text())
