@@ -59,7 +59,10 @@ def train(launcher, manifest, out):
 
 @pytest.mark.slow(seconds=15)
 def test_imagenet_trains_in_one_and_in_two_processes(manifest, tmp_path):
-    single = train([sys.executable], manifest, tmp_path / "single")
+    # One process: this one, reading in the main process (no DataLoader worker; the workers'
+    # number is placement, not part of the run). Two: torchrun's, each rank with a worker.
+    cli_ok("train", "--data", str(manifest), "--out", str(tmp_path / "single"), *FLAGS, "--workers", "0")
+    single = json.loads((tmp_path / "single" / "result.json").read_text())
     parallel = train(TORCHRUN, manifest, tmp_path / "parallel")
     assert single["status"] == parallel["status"] == "completed"
     assert parallel["placement"]["world_size"] == 2 and single["num_classes"] == 2
