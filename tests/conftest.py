@@ -103,9 +103,11 @@ def place_prepared_data(tmp_path_factory, workdir: Path, config: dict, dataset: 
 
 def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`snakemake`, the same command line through Snakemake's own CLI entry point, run in this
-    process: for what runs no job (plans, --lint, --report, configs Snakemake must refuse), without
-    the 3 to 4 s of a process's start and of torch's import that the Snakefile's parse needs.
-    Studies that train run as processes (`snakemake`), as the README's command does. Put back afterwards: the working directory, sys.path
+    process, without the 3 to 4 s of a process's start and of torch's import that the Snakefile's
+    parse needs: for what runs no job (plans, --lint, --report, configs Snakemake must refuse) and
+    for single jobs whose subject is their command line (a mirror's flags, torchrun's launch);
+    the jobs themselves are processes, as always. The studies run `python -m snakemake` as a
+    process (`snakemake`), as the README's command does. Put back afterwards: the working directory, sys.path
     (Snakemake adds the workflow's folders) and SIGTERM's handler (its scheduler's)."""
     from snakemake.cli import main
 

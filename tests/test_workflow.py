@@ -165,7 +165,7 @@ def test_the_prepare_step_fetches_a_torchvision_kind_from_a_mirror_with_its_chec
     config = dict(TINY, datasets={"digits": {}, "fmnist": {"kind": "fashion_mnist", "mirror": f"{base}/", "md5": md5,
                                                            "val_size": 8, "image_size": 32}})
     write_config(tmp_path, config)
-    snakemake(tmp_path, "--cores", "1", "resources/data/fmnist.pt")
+    snakemake_here(tmp_path, "--cores", "1", "resources/data/fmnist.pt")
     cache = torch.load(tmp_path / "resources" / "data" / "fmnist.pt", weights_only=True)
     assert (cache["name"], cache["kind"], cache["num_classes"]) == ("fmnist", "fashion_mnist", 10)
     assert cache["train_images"].shape[1:] == (1, 32, 32) and len(cache["val_labels"]) == 8
@@ -229,7 +229,7 @@ def test_a_run_with_two_gpus_goes_through_torchrun(tmp_path, tmp_path_factory):
                   seeds=[0])
     write_config(tmp_path, config)
     place_prepared_data(tmp_path_factory, tmp_path, config)
-    snakemake(tmp_path, "--cores", "2", "results/tiny/runs/digits/net/brsf-matched/seed0/evaluation.json")
+    snakemake_here(tmp_path, "--cores", "2", "results/tiny/runs/digits/net/brsf-matched/seed0/evaluation.json")
     run = tmp_path / "results/tiny/runs/digits/net/brsf-matched/seed0"
     result = json.loads((run / "result.json").read_text())
     assert result["placement"]["world_size"] == 2 and result["status"] == "completed"
