@@ -107,8 +107,9 @@ def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.
     parse needs: for what runs no job (plans, --lint, --report, configs Snakemake must refuse) and
     for single jobs whose subject is their command line (a mirror's flags, torchrun's launch);
     the jobs themselves are processes, as always. The studies run `python -m snakemake` as a
-    process (`snakemake`), as the README's command does. Put back afterwards: the working directory, sys.path
-    (Snakemake adds the workflow's folders) and SIGTERM's handler (its scheduler's)."""
+    process (`snakemake`), as the README's command does. Put back afterwards: the working
+    directory, sys.path (Snakemake adds the workflow's folders) and SIGTERM's handler (its
+    scheduler's)."""
     from snakemake.cli import main
 
     argv = ["--snakefile", str(REPO / "Snakefile"), *args]
@@ -119,7 +120,8 @@ def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.
             main(argv)
         returncode = 0  # (main always exits)
     except SystemExit as exit_:
-        returncode = exit_.code if isinstance(exit_.code, int) else 1
+        code = exit_.code  # as the interpreter reads sys.exit's argument
+        returncode = 0 if code is None else code if isinstance(code, int) else 1
     finally:
         sys.path[:] = path
         signal.signal(signal.SIGTERM, sigterm)
