@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -73,13 +74,22 @@ def computed_once(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real Snakemake on this repository's Snakefile with `workdir` as working directory."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
-    process = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+def exit_status(exit_: SystemExit) -> int:
+    """The process's exit status for this SystemExit, as the interpreter makes it: a message
+    (printed to stderr) is 1, None is 0."""
+    return 1 if isinstance(exit_.code, str) else (exit_.code or 0)
+
+
+def _checked(process: subprocess.CompletedProcess, args, check: bool) -> subprocess.CompletedProcess:
     if check and process.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real Snakemake on this repository's Snakefile with `workdir` as working directory."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
+    return _checked(subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout), args, check)
 
 
 def place_prepared_data(tmp_path_factory, workdir: Path, config: dict, dataset: str = "digits") -> None:
@@ -88,8 +98,6 @@ def place_prepared_data(tmp_path_factory, workdir: Path, config: dict, dataset: 
     that Snakemake finds it up to date: for the Snakemake tests whose subject is not the data
     (SLURM's round trips, torchrun's launch), about 4 s of a core each. The studies of
     test_workflow prepare their own."""
-    import shlex
-
     from feedback_alignment.study import Study
 
     study = Study(copy.deepcopy(config))
@@ -120,15 +128,12 @@ def snakemake_here(workdir: Path, *args: str, check: bool = True) -> subprocess.
             main(argv)
         returncode = 0  # (main always exits)
     except SystemExit as exit_:
-        code = exit_.code  # as the interpreter reads sys.exit's argument
-        returncode = 0 if code is None else code if isinstance(code, int) else 1
+        returncode = exit_status(exit_)
     finally:
         sys.path[:] = path
         signal.signal(signal.SIGTERM, sigterm)
-    process = subprocess.CompletedProcess(["snakemake", *argv], returncode, stdout.getvalue(), stderr.getvalue())
-    if check and returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
-    return process
+    return _checked(subprocess.CompletedProcess(["snakemake", *argv], returncode, stdout.getvalue(),
+                                                stderr.getvalue()), args, check)
 
 
 # A study small enough to train in seconds: two blocks (bp; usf raw and matched), two seeds.
@@ -211,7 +216,7 @@ def cli(command: str, *argv: str) -> tuple[int, str]:
     except SystemExit as exit_:
         if isinstance(exit_.code, str):
             stderr.write(exit_.code + "\n")
-        status = 1 if isinstance(exit_.code, str) else (exit_.code or 0)
+        status = exit_status(exit_)
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)

@@ -74,10 +74,10 @@ def test_a_study_runs_through_the_slurm_profile_and_a_preempted_job_resumes(slur
     # 6 epochs of about 0.4 s: the signal, sent once the first epoch's checkpoint exists (looked
     # for every 0.05 s), finds the job training (the alignment probe every 10 steps, not 2: it was
     # most of the step's time). No longer: the resumed job takes 12 to 14 s here (20 under load),
-    # most of it Snakemake's and Python's starts. The plugin checks the jobs' status N, 2N + 10 and 3N + 30 s after submitting
-    # them (N: --slurm-init-seconds-before-status-checks) and again N s after a check that saw one
-    # end: with N = 5, checks at 5, 20 and 45 s see a job end at 20 (with N = 1, at 1, 12 and 33 s,
-    # at 33: 26 s more per round trip, and the preemption makes two).
+    # most of it Snakemake's and Python's starts. The plugin checks the jobs' status N, 2N + 10 and
+    # 3N + 30 s after submitting them (N: --slurm-init-seconds-before-status-checks) and again N s
+    # after a check that saw one end: with N = 5, checks at 5, 20 and 45 s see a job end at 20
+    # (with N = 1, at 1, 12 and 33 s, at 33: 26 s more per round trip, and the preemption makes two).
     study = dict(STUDY, training=dict(training, epochs=6, alignment_every=10))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(study))
